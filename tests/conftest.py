@@ -1,0 +1,56 @@
+"""Shared fixtures: the repository on sys.path, tiny data sets and a tiny run of 01 made once per session."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# tiny settings for 01: a 1-epoch teacher and a 20-step DiT are enough to test the contracts
+TINY_01 = ["--model", "convnet-1-bn", "--epochs", "1", "--dit-steps", "20", "--dit-width", "64", "--dit-depth", "1",
+           "--dit-ckpt-every", "10", "--samples-per-class", "2", "--sample-steps", "4"]
+
+
+def run_script(script, *args, check=True):
+    """Run one of the numbered scripts as a user would; returns the CompletedProcess."""
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def assert_user_error(p, *fragments):
+    """A bad input ends with exit code 2 and one `error:` line naming the fix, no traceback."""
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.stderr[-2000:]}"
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for f in fragments:
+        assert f in last, (f, last)
+
+
+def make_image_tree(root: Path, classes, n_train, n_val, size=16, mode="RGB", seed=0):
+    """A train/ + val/ ImageFolder tree of random PNGs; classes differ in mean brightness."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                shape = (size, size) if mode == "L" else (size, size, 3)
+                a = np.clip(rng.normal(40 + 60 * i, 20, shape), 0, 255).astype(np.uint8)
+                Image.fromarray(a, mode).save(d / f"{k:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run folder of 01 on the embedded digits at tiny settings."""
+    run = tmp_path_factory.mktemp("runs") / "mnist5k"
+    p = run_script("01_train_teacher.py", "--run", run, *TINY_01)
+    return run, p

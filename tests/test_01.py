@@ -1,0 +1,113 @@
+"""01_train_teacher.py end to end in subprocesses: handoff files, resume, pretrained --dit, bad input."""
+import json
+
+import torch
+
+import common as C
+from conftest import TINY_01, assert_user_error, make_image_tree, run_script
+from test_dit import save_tiny_latent_pipeline
+
+
+def test_handoff_files_exist_and_load(tiny_run):
+    run, _ = tiny_run
+    info = C.DatasetInfo.from_dict(json.loads((run / "dataset.json").read_text()))
+    assert info.name == "mnist5k" and info.num_classes == 10
+    ck = torch.load(run / "teacher" / "teacher.pt", weights_only=True)
+    assert ck["model_name"] == "convnet-1-bn" and ck["dataset"] == "mnist5k"
+    teacher = C.load_classifier(run / "teacher" / "teacher.pt", info, "cpu")
+    m = json.loads((run / "teacher" / "metrics.json").read_text())
+    assert 0 <= m["test_acc"] <= 100 and m["epochs"] == 1
+    _, _, test = C.load_dataset("mnist5k")
+    assert abs(C.accuracy(teacher, test) - m["test_acc"]) < 1e-6
+    cfg = json.loads((run / "teacher" / "config.json").read_text())
+    assert {"args", "versions", "git_commit", "device"} <= set(cfg)
+    prior = C.load_prior(run / "dit", info, "cpu")
+    assert prior.transformer.config.num_layers == 1
+    dm = json.loads((run / "dit" / "metrics.json").read_text())
+    assert dm["samples_per_class"] == 2 and len(dm["sample_acc_per_class"]) == 10
+    assert (run / "dit" / "samples.png").stat().st_size > 0
+    assert not (run / "dit" / "train_state.pt").exists() and not (run / "teacher" / "train_state.pt").exists()
+
+
+def test_rerun_skips_finished_work_and_rejects_other_settings(tiny_run):
+    run, _ = tiny_run
+    p = run_script("01_train_teacher.py", "--run", run, *TINY_01)
+    assert "teacher: done earlier" in p.stdout and "dit: done earlier" in p.stdout
+    assert_user_error(run_script("01_train_teacher.py", "--run", run, *TINY_01, "--lr", "0.5", check=False),
+                      "other settings", "--overwrite")
+
+
+def kill_when(args, path, timeout=300):
+    """Start 01, SIGKILL it as soon as `path` (a checkpoint) appears: an interruption mid-run."""
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    p = subprocess.Popen([sys.executable, str(ROOT / "01_train_teacher.py"), *map(str, args)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    t0 = time.time()
+    while not path.exists():
+        assert p.poll() is None, "01 ended before writing its checkpoint"
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    """Killing 01 mid-teacher and mid-DiT, then rerunning, gives the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+    args = ["--model", "convnet-1-bn", "--epochs", "3", "--dit-steps", "60", "--dit-width", "32",
+            "--dit-depth", "1", "--dit-ckpt-every", "10", "--samples-per-class", "1", "--sample-steps", "2"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_script("01_train_teacher.py", "--run", ref, *args)
+    kill_when(["--run", run, *args], run / "teacher" / "train_state.pt")
+    assert not (run / "teacher" / "metrics.json").exists()
+    kill_when(["--run", run, *args], run / "dit" / "train_state.pt")
+    assert (run / "teacher" / "metrics.json").exists() and not (run / "dit" / "metrics.json").exists()
+    p = run_script("01_train_teacher.py", "--run", run, *args)
+    assert "teacher: done earlier" in p.stdout and "dit: resuming at step" in p.stdout
+    a = torch.load(ref / "teacher" / "teacher.pt", weights_only=True)["state_dict"]
+    b = torch.load(run / "teacher" / "teacher.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    w = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(ref / "dit" / w), load_file(run / "dit" / w)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrained_dit_folder_through_01(tmp_path):
+    root = make_image_tree(tmp_path / "tree", ["a", "b", "c"], 6, 2, size=16)
+    pipe = save_tiny_latent_pipeline(tmp_path / "pipe", num_labels=3)
+    run = tmp_path / "run"
+    run_script("01_train_teacher.py", "--dataset", f"imagefolder:{root}", "--run", run, "--model", "convnet-2",
+               "--dit", pipe, *TINY_01)
+    assert json.loads((run / "dit" / "source.json").read_text())["dit"] == str(pipe)
+    assert json.loads((run / "dit" / "metrics.json").read_text())["samples_per_class"] == 2
+    assert not (run / "dit" / "transformer").exists()
+
+
+def test_bad_inputs_give_one_line(tmp_path, tiny_run):
+    run, _ = tiny_run
+    r = tmp_path / "x"
+    assert_user_error(run_script("01_train_teacher.py", "--run", r, "--dataset", "nope", check=False),
+                      "unknown dataset")
+    assert_user_error(run_script("01_train_teacher.py", "--run", r, *TINY_01, "--model", "convnet", check=False),
+                      "unknown model")
+    assert_user_error(run_script("01_train_teacher.py", "--run", r, "--dataset", f"imagefolder:{tmp_path}/none",
+                                 check=False), "does not exist")
+    assert_user_error(run_script("01_train_teacher.py", "--run", r, *TINY_01, "--dit-patch", "5", check=False),
+                      "cannot take 28 px")
+    assert_user_error(run_script("01_train_teacher.py", "--run", r, *TINY_01, "--keep-epochs", "9", check=False),
+                      "--keep-epochs")
+    # a teacher from another dataset, given with --teacher
+    tree = make_image_tree(tmp_path / "tree", ["a", "b"], 4, 2, size=28, mode="L")
+    assert_user_error(run_script("01_train_teacher.py", "--run", tmp_path / "y", "--dataset", f"imagefolder:{tree}",
+                                 "--teacher", run / "teacher" / "teacher.pt", *TINY_01, check=False),
+                      "trained on dataset 'mnist5k'")
+    # a run folder made for another dataset
+    assert_user_error(run_script("01_train_teacher.py", "--run", run, "--dataset", f"imagefolder:{tree}",
+                                 *TINY_01, check=False), "was made for dataset 'mnist5k'")
+    # a corrupt image in a folder dataset
+    (tree / "val" / "a" / "broken.png").write_bytes(b"\x89PNG garbage")
+    assert_user_error(run_script("01_train_teacher.py", "--run", tmp_path / "z", "--dataset", f"imagefolder:{tree}",
+                                 *TINY_01, check=False), "cannot read image")

@@ -1,0 +1,100 @@
+"""Data registry: the embedded split, folder datasets, distilled-set reader, augmentation, bad input."""
+import pytest
+import torch
+from PIL import Image
+
+import common as C
+from conftest import make_image_tree
+
+
+def test_mnist5k_split_is_stratified_and_deterministic():
+    info, tr, te = C.load_dataset("mnist5k")
+    _, tr2, te2 = C.load_dataset("mnist5k")
+    assert torch.equal(tr.x, tr2.x) and torch.equal(te.y, te2.y)
+    assert tr.x.shape == (4000, 1, 28, 28) and te.x.shape == (1000, 1, 28, 28)
+    assert tr.x.dtype == torch.uint8 and int(tr.x.max()) > 200
+    assert torch.bincount(tr.y).tolist() == [400] * 10
+    assert torch.bincount(te.y).tolist() == [100] * 10
+    # train and test are disjoint: no test image appears in the training split
+    flat_tr = {bytes(r) for r in tr.x.flatten(1).numpy()}
+    assert not any(bytes(r) in flat_tr for r in te.x.flatten(1).numpy())
+    assert (info.channels, info.size, info.num_classes, info.flip) == (1, 28, 10, False)
+    assert info.mean == (0.1307,) and info.classes[3] == "3"
+
+
+def test_folder_dataset_metadata_and_shapes(tmp_path):
+    root = make_image_tree(tmp_path / "tree", ["cat", "dog", "eel"], 4, 2, size=20)
+    info, tr, te = C.load_dataset(f"imagefolder:{root}", size=16)
+    assert info.classes == ["cat", "dog", "eel"] and (info.channels, info.size) == (3, 16)
+    assert tr.x.shape == (12, 3, 16, 16) and te.x.shape == (6, 3, 16, 16)
+    assert tr.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_imagenette_class_map(tmp_path):
+    root = make_image_tree(tmp_path / "nette", sorted(C.IMAGENETTE), 1, 1, size=8)
+    info, _, _ = C.load_dataset("imagenette", root, size=8)
+    assert info.class_map == [C.IMAGENETTE[w] for w in info.classes]
+    assert info.class_map[0] == 0 and 701 in info.class_map  # tench, parachute
+    assert info.mean == C.IMAGENET_MEAN
+
+
+def test_distilled_reader_round_trip(tmp_path):
+    info, tr, _ = C.load_dataset("mnist5k")
+    for c in range(10):
+        for k in range(2):
+            C.save_png(C.to_float(tr.x[tr.y == c][k]), tmp_path / str(c) / f"{k:06d}.png")
+    d = C.read_distilled(tmp_path, info)
+    assert d.x.shape == (20, 1, 28, 28) and torch.bincount(d.y).tolist() == [2] * 10
+    assert torch.equal(d.x[0], tr.x[tr.y == 0][0])  # PNG is lossless
+
+
+def test_translate_keeps_shape_and_moves_pixels():
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 4, 4] = 1
+    out = C.random_translate(x, 2)
+    assert out.shape == x.shape and torch.all(out.sum((1, 2, 3)) == 1)
+    assert len({int(o.argmax()) for o in out}) > 3  # different shifts per sample
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "empty_class", "corrupt", "no_val"])
+def test_folder_bad_input(tmp_path, case):
+    root = make_image_tree(tmp_path / "t", ["a", "b"], 2, 1, size=8)
+    if case == "missing":
+        root = tmp_path / "nope"
+        msg = "does not exist"
+    elif case == "empty":
+        root = tmp_path / "empty"
+        (root / "train").mkdir(parents=True)
+        (root / "val").mkdir()
+        msg = "no class sub-folders"
+    elif case == "empty_class":
+        (root / "train" / "c").mkdir()
+        msg = "has no images"
+    elif case == "corrupt":
+        (root / "train" / "a" / "bad.png").write_bytes(b"not a png")
+        msg = "cannot read image"
+    else:
+        import shutil
+        shutil.rmtree(root / "val")
+        msg = "needs train/ and val/"
+    with pytest.raises(C.UserError, match=msg):
+        C.load_dataset(f"imagefolder:{root}")
+
+
+def test_distilled_reader_rejects_wrong_size_and_missing_class(tmp_path):
+    info, _, _ = C.load_dataset("mnist5k")
+    for c in range(10):
+        C.save_png(torch.rand(1, 32, 32), tmp_path / "big" / str(c) / "000000.png")
+    with pytest.raises(C.UserError, match="dataset mnist5k needs"):
+        C.read_distilled(tmp_path / "big", info)
+    for c in range(9):
+        C.save_png(torch.rand(1, 28, 28), tmp_path / "nine" / str(c) / "000000.png")
+    with pytest.raises(C.UserError, match="lacks class folders"):
+        C.read_distilled(tmp_path / "nine", info)
+
+
+def test_unknown_dataset_and_missing_cifar():
+    with pytest.raises(C.UserError, match="unknown dataset"):
+        C.load_dataset("mnist60k")
+    with pytest.raises(C.UserError, match="--data-root"):
+        C.load_dataset("imagewoof")

@@ -1,0 +1,97 @@
+"""The DiT prior: pixel model save/load, CFG sampling determinism, an offline latent pipeline, bad input."""
+import pytest
+import torch
+
+import common as C
+from conftest import make_image_tree
+
+
+def tiny_pixel_prior(info):
+    torch.manual_seed(0)
+    dit = C.make_pixel_dit(info, width=32, depth=1, patch=4, head_dim=16)
+    return C.Prior(dit, dict(C.make_train_scheduler().config), info)
+
+
+def save_tiny_latent_pipeline(folder, num_labels, image_size=16):
+    """A randomly initialised DiT + VAE saved as a diffusers DiTPipeline, like a hub download."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                num_layers=1, sample_size=image_size // 2, patch_size=2,
+                                num_embeds_ada_norm=num_labels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=image_size)
+    DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def test_pixel_dit_save_load_round_trip(tmp_path):
+    info, _, _ = C.load_dataset("mnist5k")
+    prior = tiny_pixel_prior(info)
+    prior.save(tmp_path / "dit")
+    loaded = C.load_prior(tmp_path / "dit", info, "cpu")
+    assert loaded.vae is None and loaded.num_labels == 10 and not loaded.learned_sigma
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([5, 900]), torch.tensor([3, 10])
+    with torch.no_grad():
+        assert torch.equal(prior.transformer(x, t, y).sample, loaded.transformer(x, t, y).sample)
+    assert loaded.scheduler_config["prediction_type"] == "v_prediction"
+
+
+def test_sampling_is_seeded_and_cfg_matters():
+    info, _, _ = C.load_dataset("mnist5k")
+    prior = tiny_pixel_prior(info)
+    y = torch.arange(10)
+
+    def run(seed, cfg=4.0):
+        return C.sample_images(prior, y, steps=5, cfg=cfg, gen=torch.Generator().manual_seed(seed),
+                               progress=False)[0]
+    a, b, c = run(1), run(1), run(2)
+    assert a.shape == (10, 1, 28, 28) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(run(1, cfg=1.0), a)
+
+
+def test_null_label_is_read_from_the_model():
+    info, _, _ = C.load_dataset("mnist5k")
+    prior = tiny_pixel_prior(info)
+    # the label table has one row more than the classes: the null row used for CFG
+    table = prior.transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    assert prior.num_labels == 10 and table.num_embeddings == 11
+
+
+def test_offline_pretrained_latent_pipeline(tmp_path):
+    root = make_image_tree(tmp_path / "tree", ["a", "b", "c"], 2, 1, size=16)
+    info, _, _ = C.load_dataset(f"imagefolder:{root}")
+    folder = save_tiny_latent_pipeline(tmp_path / "pipe", num_labels=3)
+    prior = C.load_prior(folder, info, "cpu")
+    assert prior.vae is not None and prior.learned_sigma and prior.latent_shape == (4, 8, 8)
+    imgs, z = C.sample_images(prior, torch.tensor([0, 1, 2]), steps=3, cfg=4.0,
+                              gen=torch.Generator().manual_seed(0), progress=False)
+    assert imgs.shape == (3, 3, 16, 16) and z.shape == (3, 4, 8, 8)
+    assert torch.isfinite(imgs).all()
+
+
+def test_class_map_checked_against_dit_labels(tmp_path):
+    root = make_image_tree(tmp_path / "nette", sorted(C.IMAGENETTE), 1, 1, size=16)
+    info, _, _ = C.load_dataset("imagenette", root, size=16)
+    folder = save_tiny_latent_pipeline(tmp_path / "pipe", num_labels=100)
+    with pytest.raises(C.UserError, match="class map of imagenette needs labels up to 701"):
+        C.load_prior(folder, info, "cpu")
+    # with 1000 labels the ImageNet indices are used
+    prior = C.load_prior(save_tiny_latent_pipeline(tmp_path / "pipe1k", num_labels=1000), info, "cpu")
+    assert prior.labels(torch.tensor([0, 9])).tolist() == [info.class_map[0], info.class_map[9]]
+
+
+def test_bad_dit_inputs(tmp_path):
+    info, _, _ = C.load_dataset("mnist5k")
+    with pytest.raises(C.UserError, match="cannot take 28 px"):
+        C.make_pixel_dit(info, patch=5)
+    with pytest.raises(C.UserError, match="does not exist"):
+        C.load_prior(tmp_path / "missing", info, "cpu")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(C.UserError, match="cannot load a DiT"):
+        C.load_prior(tmp_path / "junk", info, "cpu")
+    rgb = C.DatasetInfo("rgb", 3, 28, (0.5,) * 3, (0.5,) * 3, [str(i) for i in range(10)], flip=True)
+    with pytest.raises(C.UserError, match="1-channel images"):
+        C.Prior(tiny_pixel_prior(info).transformer, dict(C.make_train_scheduler().config), rgb)
