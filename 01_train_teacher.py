@@ -41,30 +41,30 @@ def parse_args(argv=None):
                    "ImageNette/Woof, else the first image's)")
     g = p.add_argument_group("teacher")
     g.add_argument("--model", default="convnet-3-bn", help=f"teacher architecture: {', '.join(C.MODELS)}")
-    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--epochs", type=C.positive_int, default=15)
     g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=C.positive_int, default=64)
     g.add_argument("--keep-epochs", default="", help="comma list of epochs whose checkpoints to keep (IGD)")
     g.add_argument("--teacher", type=Path, default=None, help="use this teacher.pt instead of training one")
     g = p.add_argument_group("DiT prior")
     g.add_argument("--dit", default=None, help="pretrained diffusers DiT pipeline (hub name or folder); "
                    "default: train a small pixel-space DiT")
-    g.add_argument("--dit-steps", type=int, default=3000)
-    g.add_argument("--dit-batch", type=int, default=128)
+    g.add_argument("--dit-steps", type=C.positive_int, default=3000)
+    g.add_argument("--dit-batch", type=C.positive_int, default=128)
     g.add_argument("--dit-lr", type=float, default=3e-4)
-    g.add_argument("--dit-warmup", type=int, default=200, help="linear LR warm-up steps")
-    g.add_argument("--dit-width", type=int, default=128)
-    g.add_argument("--dit-depth", type=int, default=4)
-    g.add_argument("--dit-patch", type=int, default=4)
+    g.add_argument("--dit-warmup", type=C.positive_int, default=200, help="linear LR warm-up steps")
+    g.add_argument("--dit-width", type=C.positive_int, default=128)
+    g.add_argument("--dit-depth", type=C.positive_int, default=4)
+    g.add_argument("--dit-patch", type=C.positive_int, default=4)
     g.add_argument("--dit-min-snr", type=float, default=0.0, help="min-SNR-gamma loss weight (0 = off)")
-    g.add_argument("--dit-ckpt-every", type=int, default=250, help="steps between resumable checkpoints")
+    g.add_argument("--dit-ckpt-every", type=C.positive_int, default=250, help="steps between resumable checkpoints")
     g.add_argument("--dit-eval-every", type=int, default=0,
                    help="steps between sample-accuracy probes (20 per class) logged in metrics.json; 0 = off")
     g = p.add_argument_group("sampling (for the sample accuracy)")
-    g.add_argument("--sample-steps", type=int, default=50, help="DDPM ancestral steps (papers: 50)")
+    g.add_argument("--sample-steps", type=C.positive_int, default=50, help="DDPM ancestral steps (papers: 50)")
     g.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (papers: 4.0)")
-    g.add_argument("--samples-per-class", type=int, default=100)
-    g.add_argument("--sample-batch", type=int, default=250)
+    g.add_argument("--samples-per-class", type=C.positive_int, default=100)
+    g.add_argument("--sample-batch", type=C.positive_int, default=250)
     return p.parse_args(argv)
 
 
@@ -152,14 +152,14 @@ def train_dit(args, info, train, device, ctx, teacher):
         opt.load_state_dict(st["opt"])
         lr_sched.load_state_dict(st["lr_sched"])
         ema.load_state_dict(st["ema"])
-        torch.set_rng_state(st["rng"])
+        C.set_rng_state(st["rng"])
         start, curve = st["step"], list(st["curve"])
         print(f"dit: resuming at step {start}")
     ema.to(device)
     n_par = sum(p.numel() for p in model.parameters())
     print(f"dit: pixel DiT width {args.dit_width} depth {args.dit_depth} patch {args.dit_patch}, "
           f"{n_par / 1e6:.2f} M parameters, {args.dit_steps} steps of batch {args.dit_batch}, {device}")
-    N, t_log, loss_sum = len(train.y), time.time(), 0.0
+    N, t_log, loss_sum, n_log = len(train.y), time.time(), 0.0, 0
     bar = tqdm(range(start, args.dit_steps), desc="dit", initial=start, total=args.dit_steps)
     for step in bar:
         idx = torch.randint(0, N, (args.dit_batch,), device=device)
@@ -182,20 +182,20 @@ def train_dit(args, info, train, device, ctx, teacher):
         opt.step()
         lr_sched.step()
         ema.step(model.parameters())
-        loss_sum += loss.item()
+        loss_sum, n_log = loss_sum + loss.item(), n_log + 1
         done = step + 1
         if done % 100 == 0:
             dt = time.time() - t_log
-            tqdm.write(f"dit step {done}/{args.dit_steps} loss {loss_sum / 100:.4f} "
-                       f"lr {lr_sched.get_last_lr()[0]:.2e} {100 * args.dit_batch / dt:.0f} img/s")
-            t_log, loss_sum = time.time(), 0.0
+            tqdm.write(f"dit step {done}/{args.dit_steps} loss {loss_sum / n_log:.4f} "
+                       f"lr {lr_sched.get_last_lr()[0]:.2e} {n_log * args.dit_batch / dt:.0f} img/s")
+            t_log, loss_sum, n_log = time.time(), 0.0, 0
         if args.dit_eval_every and (done % args.dit_eval_every == 0 or done == args.dit_steps):
             acc = probe(model, ema, noise, info, teacher, args, device, ctx)
             curve.append({"step": done, "sample_acc_20pc": acc})
             tqdm.write(f"dit step {done}: sample accuracy (20 per class) {acc:.1f} %")
         if done % args.dit_ckpt_every == 0 and done < args.dit_steps:
             C.torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "lr_sched": lr_sched.state_dict(),
-                          "ema": ema.state_dict(), "rng": torch.get_rng_state(), "step": done,
+                          "ema": ema.state_dict(), "rng": C.rng_state(), "step": done,
                           "curve": curve}, state_path)
     ema.copy_to(model.parameters())
     return C.Prior(model.eval(), dict(noise.config), info), curve, n_par
@@ -213,11 +213,11 @@ def probe(model, ema, noise, info, teacher, args, device, ctx):
     return acc
 
 
-def make_dit(args, info, train, device, ctx, teacher):
+def make_dit(args, info, train, device, ctx, teacher, pretrained):
     """Train or load the DiT prior, then measure its sample accuracy with the teacher."""
     folder = args.run / "dit"
     dargs = {k: getattr(args, k) for k in vars(args) if k.startswith(("dit", "sample", "cfg"))
-             and k not in ("dit_ckpt_every", "sample_batch")}
+             and k != "dit_ckpt_every"}
     dargs.update(dataset=args.dataset, seed=args.seed)
     C.prepare_folder(folder, dargs, args.overwrite, "DiT")
     if (folder / "metrics.json").exists():
@@ -232,7 +232,7 @@ def make_dit(args, info, train, device, ctx, teacher):
         prior.save(folder)
         train_s = time.time() - t0
     else:
-        prior = C.load_prior(args.dit, info, device)
+        prior = pretrained
         C.write_json(folder / "source.json", {"dit": str(args.dit)})
         curve, n_par, train_s = [], sum(p.numel() for p in prior.transformer.parameters()), 0.0
     t1 = time.time()
@@ -257,15 +257,25 @@ def main():
     t0 = time.time()
     info, train, test = C.load_dataset(args.dataset, args.data_root, args.size)
     # every flag is checked before anything is written, so a typo leaves no half-made folder behind
-    C.build_model(args.model, info)
+    C.check_model(args.model, info)
     parse_epochs(args.keep_epochs, args.epochs)
+    if args.teacher is not None:
+        C.load_classifier(args.teacher, info, "cpu")
     if args.dit is None:
         C.make_pixel_dit(info, args.dit_width, args.dit_depth, args.dit_patch)
+        pretrained = None
+    else:
+        pretrained = C.load_prior(args.dit, info, device)
+    noise_cfg = pretrained.scheduler_config if pretrained else C.make_train_scheduler().config
+    if args.sample_steps > noise_cfg["num_train_timesteps"]:
+        raise C.UserError(f"--sample-steps {args.sample_steps} exceeds the DiT's "
+                          f"{noise_cfg['num_train_timesteps']} training steps")
     ds_file = args.run / "dataset.json"
     if ds_file.exists() and not args.overwrite:
         old = C.read_json(ds_file)
-        if old["name"] != info.name or old["classes"] != info.classes:
-            raise C.UserError(f"{args.run} was made for dataset {old['name']!r}, not {info.name!r}; "
+        if old != C.jsonable(info.to_dict()):
+            what = f"dataset {old['name']!r}" if old["name"] != info.name else f"other {info.name} settings"
+            raise C.UserError(f"{args.run} was made for {what} (see its dataset.json); "
                               f"choose another --run or pass --overwrite")
     args.run.mkdir(parents=True, exist_ok=True)
     C.write_json(ds_file, info.to_dict())
@@ -273,7 +283,7 @@ def main():
           f"{info.channels}x{info.size}x{info.size}; run folder {args.run}")
     train, test = train.to(device), test.to(device)
     teacher = train_teacher(args, info, train, test, device, ctx)
-    make_dit(args, info, train, device, ctx, teacher)
+    make_dit(args, info, train, device, ctx, teacher, pretrained)
     print(f"01 done in {time.time() - t0:.0f} s")
 
 

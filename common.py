@@ -52,6 +52,29 @@ def add_common_args(p: argparse.ArgumentParser, run_help: str):
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
 
 
+def positive_int(s: str) -> int:
+    """argparse type for counts and sizes that must be >= 1."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def rng_state() -> dict:
+    """Every generator a training loop draws from (CPU, and CUDA when present), for exact resume."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(st: dict):
+    torch.set_rng_state(st["cpu"])
+    if st["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 def seed_everything(seed: int):
     """Seed python's, numpy's and torch's global generators (data order, init, label dropout)."""
     import random
@@ -91,7 +114,7 @@ def jsonable(v):
 def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str):
     """Make `folder` for a job described by `args`; an existing folder is resumed only if its
     config.json was written with the same arguments (or wiped first with --overwrite)."""
-    folder = Path(folder)
+    folder, args = Path(folder), jsonable(args)  # compare as JSON sees it (Path -> str)
     cfg = folder / "config.json"
     if overwrite and folder.exists():
         import shutil
@@ -247,7 +270,7 @@ def list_class_folders(folder: Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"folder {folder} does not exist; check the path")
-    classes = sorted(d for d in folder.iterdir() if d.is_dir())
+    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise UserError(f"folder {folder} has no class sub-folders; expected {folder}/<class>/<image>.png")
     out = {}
@@ -288,6 +311,9 @@ def _read_split(folder: Path, classes: list, channels: int, size: int) -> Split:
         for f in tqdm(found[c], desc=f"read {folder.name}/{c}", leave=False, disable=len(found[c]) < 500):
             xs.append(read_image(f, channels, size))
             ys.append(i)
+            if xs[-1].shape != xs[0].shape:
+                raise UserError(f"{f} is {tuple(xs[-1].shape)} but {found[classes[0]][0]} is "
+                                f"{tuple(xs[0].shape)}; all images of a set must share one size")
     return Split(torch.stack(xs), torch.tensor(ys))
 
 
@@ -308,10 +334,13 @@ def _load_folder_dataset(name, root: Path, size, mean, std, wnids):
         class_map = [wnids[c] for c in classes]
     # channels and size are read off the first training image when not given
     first = list_class_folders(train_dir)[classes[0]][0]
-    from PIL import Image
-    with Image.open(first) as im:
-        channels = 1 if im.mode in ("L", "1", "I;16") else 3
-        size = size or min(im.size)
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(first) as im:
+            channels = 1 if im.mode in ("L", "1", "I;16") else 3
+            size = size or min(im.size)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read image {first} ({e.__class__.__name__}); delete or replace the file") from None
     mean = mean or ((0.5,) * channels)
     std = std or ((0.5,) * channels)
     info = DatasetInfo(name, channels, size, tuple(mean), tuple(std), classes,
@@ -483,9 +512,21 @@ def build_model(name: str, info: DatasetInfo) -> Classifier:
     return Classifier(net, info.mean, info.std)
 
 
+def check_model(name: str, info: DatasetInfo):
+    """Build the model and run one tiny forward pass, so a misfit fails before any work starts."""
+    model = build_model(name, info).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, info.channels, info.size, info.size))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise UserError(f"model {name} cannot take {info.channels}x{info.size}x{info.size} images "
+                        f"({str(e).splitlines()[0][:120]}); choose another --model") from None
+
+
 def save_classifier(path: Path, model: Classifier, name: str, info: DatasetInfo, **extra):
     """Plain dict checkpoint (loads with weights_only=True)."""
-    torch_save({"model_name": name, "dataset": info.name, "classes": info.classes,
+    torch_save({"model_name": name, "dataset": info.name, "classes": info.classes, "size": info.size,
+                "channels": info.channels,
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}, path)
 
 
@@ -494,10 +535,18 @@ def load_classifier(path: Path, info: DatasetInfo, device) -> Classifier:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; run 01_train_teacher.py first")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck["state_dict"], ck["model_name"]
+    except Exception as e:  # a truncated file, a pickle, or some other object
+        raise UserError(f"{path} is not a classifier checkpoint of this project ({type(e).__name__}); "
+                        f"rerun 01_train_teacher.py") from None
     if ck.get("dataset") != info.name or ck.get("classes") != info.classes:
         raise UserError(f"checkpoint {path} was trained on dataset {ck.get('dataset')!r}, not {info.name!r}; "
                         f"use a checkpoint from a run of this dataset")
+    if (ck.get("channels"), ck.get("size")) != (info.channels, info.size):
+        raise UserError(f"checkpoint {path} was trained on {ck.get('channels')}x{ck.get('size')} px images, "
+                        f"this run uses {info.channels}x{info.size}; use a checkpoint made at this --size")
     model = build_model(ck["model_name"], info)
     model.load_state_dict(ck["state_dict"], strict=True)
     return model.to(device).eval()
@@ -668,13 +717,15 @@ def sample_images(prior: Prior, y: torch.Tensor, *, steps=50, cfg=4.0, gen: torc
                   guide=None, batch_size=256, ctx=nullcontext(), progress=True):
     """Plain CFG DDPM ancestral sampling of one image per label in y; returns (images in [0, 1], final z).
 
-    `guide(i, t, x_t, x_prev, sched) -> x_prev` is called after each scheduler step: it is where
-    guidance terms (learnability, adversarial, deviation) plug in; None gives the `dit` baseline.
-    Noise comes from `gen` only, so a seed fixes the output.
+    `guide(i, t, x_t, x_prev, eps, y, sched) -> x_prev` is called after each scheduler step with the
+    batch's dataset labels y: it is where guidance terms (learnability, adversarial, deviation) plug
+    in, recomputing eps under torch.enable_grad() when the gradient must flow through the DiT. None
+    gives the `dit` baseline. Noise comes from `gen` only, so a seed fixes the output.
     """
     imgs, zs = [], []
     for i0 in tqdm(range(0, len(y), batch_size), desc="sample", disable=not progress, leave=False):
-        yb = prior.labels(y[i0:i0 + batch_size])
+        y_data = y[i0:i0 + batch_size]
+        yb = prior.labels(y_data)
         sched = prior.scheduler(steps)
         x = torch.randn((len(yb), *prior.latent_shape), generator=gen, device=gen.device).to(prior.device)
         for i, t in enumerate(sched.timesteps):
@@ -682,7 +733,7 @@ def sample_images(prior: Prior, y: torch.Tensor, *, steps=50, cfg=4.0, gen: torc
                 eps, var = prior.model_eps(x, t, yb, cfg, sched)
             out = eps.float() if var is None else torch.cat([eps, var], 1).float()
             x_prev = sched.step(out, t, x, generator=gen).prev_sample
-            x = guide(i, t, x, x_prev, sched) if guide is not None else x_prev
+            x = guide(i, t, x, x_prev, eps, y_data, sched) if guide is not None else x_prev
         zs.append(x)
         with ctx:
             imgs.append(prior.decode(x).float())
@@ -703,14 +754,14 @@ def train_classifier(model: Classifier, train: Split, info: DatasetInfo, *, epoc
     `on_keep(epoch, model)` is called after each epoch listed in keep_epochs.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs * 2 // 3, epochs * 5 // 6], 0.2)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, epochs * 2 // 3), max(1, epochs * 5 // 6)], 0.2)
     start = 0
     if state_path is not None and Path(state_path).exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
-        torch.set_rng_state(st["rng"])
+        set_rng_state(st["rng"])
         start = st["epoch"]
         print(f"{desc}: resuming after epoch {start}")
     n = len(train.y)
@@ -738,7 +789,7 @@ def train_classifier(model: Classifier, train: Split, info: DatasetInfo, *, epoc
             on_keep(ep + 1, model)
         if state_path is not None:
             torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "rng": torch.get_rng_state(), "epoch": ep + 1}, state_path)
+                        "rng": rng_state(), "epoch": ep + 1}, state_path)
     return model
 
 

@@ -99,6 +99,11 @@ def test_bad_inputs_give_one_line(tmp_path, tiny_run):
                       "cannot take 28 px")
     assert_user_error(run_script("01_train_teacher.py", "--run", r, *TINY_01, "--keep-epochs", "9", check=False),
                       "--keep-epochs")
+    assert_user_error(run_script("01_train_teacher.py", "--run", r, *TINY_01, "--dit-warmup", "0", check=False),
+                      "--dit-warmup", "at least 1")
+    assert_user_error(run_script("01_train_teacher.py", "--run", r, *TINY_01, "--dit", tmp_path / "no_dit",
+                                 check=False), "does not exist")
+    assert not r.exists(), "a rejected command must not leave a folder behind"
     # a teacher from another dataset, given with --teacher
     tree = make_image_tree(tmp_path / "tree", ["a", "b"], 4, 2, size=28, mode="L")
     assert_user_error(run_script("01_train_teacher.py", "--run", tmp_path / "y", "--dataset", f"imagefolder:{tree}",

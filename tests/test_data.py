@@ -56,7 +56,7 @@ def test_translate_keeps_shape_and_moves_pixels():
     assert len({int(o.argmax()) for o in out}) > 3  # different shifts per sample
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "empty_class", "corrupt", "no_val"])
+@pytest.mark.parametrize("case", ["missing", "empty", "empty_class", "corrupt", "corrupt_first", "no_val"])
 def test_folder_bad_input(tmp_path, case):
     root = make_image_tree(tmp_path / "t", ["a", "b"], 2, 1, size=8)
     if case == "missing":
@@ -73,6 +73,10 @@ def test_folder_bad_input(tmp_path, case):
     elif case == "corrupt":
         (root / "train" / "a" / "bad.png").write_bytes(b"not a png")
         msg = "cannot read image"
+    elif case == "corrupt_first":
+        (root / "train" / "a" / "000.png").write_bytes(b"not a png")
+        msg = "cannot read image"
+
     else:
         import shutil
         shutil.rmtree(root / "val")
@@ -87,6 +91,11 @@ def test_distilled_reader_rejects_wrong_size_and_missing_class(tmp_path):
         C.save_png(torch.rand(1, 32, 32), tmp_path / "big" / str(c) / "000000.png")
     with pytest.raises(C.UserError, match="dataset mnist5k needs"):
         C.read_distilled(tmp_path / "big", info)
+    for c in range(10):
+        C.save_png(torch.rand(1, 28, 28), tmp_path / "mixed" / str(c) / "000000.png")
+    C.save_png(torch.rand(1, 30, 30), tmp_path / "mixed" / "5" / "000001.png")
+    with pytest.raises(C.UserError, match="must share one size"):
+        C.read_distilled(tmp_path / "mixed", info)
     for c in range(9):
         C.save_png(torch.rand(1, 28, 28), tmp_path / "nine" / str(c) / "000000.png")
     with pytest.raises(C.UserError, match="lacks class folders"):
@@ -98,3 +107,21 @@ def test_unknown_dataset_and_missing_cifar():
         C.load_dataset("mnist60k")
     with pytest.raises(C.UserError, match="--data-root"):
         C.load_dataset("imagewoof")
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    root = make_image_tree(tmp_path / "t", ["a", "b"], 2, 1, size=8)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    info, _, _ = C.load_dataset(f"imagefolder:{root}")
+    assert info.classes == ["a", "b"]
+
+
+def test_prepare_folder_resumes_with_path_arguments_and_rejects_changes(tmp_path):
+    args = {"data_root": tmp_path / "data", "lr": 0.1}
+    C.prepare_folder(tmp_path / "job", args, False, "job")
+    C.write_config(tmp_path / "job", args, {}, torch.device("cpu"))
+    C.prepare_folder(tmp_path / "job", dict(args), False, "job")  # same settings: resumes
+    with pytest.raises(C.UserError, match=r"other settings \(lr\)"):
+        C.prepare_folder(tmp_path / "job", {**args, "lr": 0.2}, False, "job")
+    C.prepare_folder(tmp_path / "job", {**args, "lr": 0.2}, True, "job")  # --overwrite wipes it
+    assert not (tmp_path / "job" / "config.json").exists()

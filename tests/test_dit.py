@@ -52,6 +52,47 @@ def test_sampling_is_seeded_and_cfg_matters():
     assert not torch.allclose(run(1, cfg=1.0), a)
 
 
+class StubDiT(torch.nn.Module):
+    """Returns the v that a known eps implies at x_t: eps_c for real labels, eps_u for the null label."""
+
+    def __init__(self, x0, eps_c, eps_u, abar):
+        super().__init__()
+        from types import SimpleNamespace
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(num_embeds_ada_norm=10, in_channels=1, out_channels=1, sample_size=28)
+        self.x0, self.eps_c, self.eps_u, self.abar, self.seen = x0, eps_c, eps_u, abar, None
+
+    def forward(self, x, t, labels):
+        from types import SimpleNamespace
+        self.seen = labels.clone()
+        a = self.abar[t].view(-1, 1, 1, 1)
+        eps = torch.where((labels == 10).view(-1, 1, 1, 1), self.eps_u.repeat(2, 1, 1, 1), self.eps_c.repeat(2, 1, 1, 1))
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return SimpleNamespace(sample=a.sqrt() * eps - (1 - a).sqrt() * x0)
+
+
+def test_v_to_eps_and_cfg_combination_are_exact():
+    info, _, _ = C.load_dataset("mnist5k")
+    g = torch.Generator().manual_seed(0)
+    x0, eps_c, eps_u = (torch.randn(3, 1, 28, 28, generator=g) for _ in range(3))
+    sched_cfg = dict(C.make_train_scheduler().config)
+    stub = StubDiT(x0, eps_c, eps_u, C.make_train_scheduler().alphas_cumprod)
+    prior = C.Prior(stub, sched_cfg, info)
+    sched = prior.scheduler(50)
+    t = sched.timesteps[10]
+    a = sched.alphas_cumprod[int(t)]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps_c
+    y = torch.tensor([1, 2, 3])
+    eps1, var = prior.model_eps(xt, t, y, 1.0, sched)
+    assert var is None and torch.allclose(eps1, eps_c, atol=1e-4)
+    # the second half of the batch carries the null label read from the model (10 here)
+    assert stub.seen.tolist() == [1, 2, 3, 10, 10, 10]
+    eps0, _ = prior.model_eps(xt, t, y, 0.0, sched)
+    assert torch.allclose(eps0, eps_u, atol=1e-4)
+    eps4, _ = prior.model_eps(xt, t, y, 4.0, sched)
+    assert torch.allclose(eps4, eps_u + 4 * (eps_c - eps_u), atol=1e-3)
+
+
 def test_null_label_is_read_from_the_model():
     info, _, _ = C.load_dataset("mnist5k")
     prior = tiny_pixel_prior(info)
@@ -70,6 +111,12 @@ def test_offline_pretrained_latent_pipeline(tmp_path):
                               gen=torch.Generator().manual_seed(0), progress=False)
     assert imgs.shape == (3, 3, 16, 16) and z.shape == (3, 4, 8, 8)
     assert torch.isfinite(imgs).all()
+    # decoding undoes the VAE scaling factor; the learned variance reaches the scheduler
+    with torch.no_grad():
+        ref = ((prior.vae.decode(z / prior.vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+        assert torch.allclose(prior.decode(z), ref, atol=1e-6)
+    assert prior.scheduler(3).config.variance_type == "learned_range"
+    assert prior.scheduler(3).config.clip_sample is False
 
 
 def test_class_map_checked_against_dit_labels(tmp_path):

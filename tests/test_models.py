@@ -37,6 +37,12 @@ def test_unknown_model_names():
             C.build_model(bad, info_for(1, 28))
 
 
+def test_check_model_rejects_a_misfit_before_work_starts():
+    C.check_model("convnet-3", info_for(1, 28))
+    with pytest.raises(C.UserError, match="cannot take 1x28x28"):
+        C.check_model("timm:vit_tiny_patch16_224", info_for(1, 28))
+
+
 def test_classifier_checkpoint_round_trip_and_dataset_check(tmp_path):
     info = info_for(1, 28)
     m = C.build_model("convnet-3-bn", info).eval()
@@ -49,3 +55,9 @@ def test_classifier_checkpoint_round_trip_and_dataset_check(tmp_path):
     other = C.DatasetInfo("other", 1, 28, (0.5,), (0.5,), info.classes, flip=False)
     with pytest.raises(C.UserError, match="trained on dataset 't'"):
         C.load_classifier(tmp_path / "t.pt", other, "cpu")
+    bigger = C.DatasetInfo("t", 1, 32, (0.5,), (0.5,), info.classes, flip=False)
+    with pytest.raises(C.UserError, match="made at this --size"):
+        C.load_classifier(tmp_path / "t.pt", bigger, "cpu")
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(C.UserError, match="not a classifier checkpoint"):
+        C.load_classifier(tmp_path / "junk.pt", info, "cpu")
