@@ -16,7 +16,7 @@ Writes: <run>/
         An interrupted run resumes from teacher/train_state.pt and dit/train_state.pt.
 
 Examples:
-  python 01_train_teacher.py                       # CPU, embedded MNIST digits, ~20 min on 2 cores
+  python 01_train_teacher.py                       # CPU, embedded MNIST digits, ~26 min on 2 cores
   python 01_train_teacher.py --dataset imagenette --data-root data/imagenette2 --size 256 \
       --model resnet18 --epochs 100 --dit facebook/DiT-XL-2-256 --run runs/imagenette
 """
