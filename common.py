@@ -361,6 +361,32 @@ def read_distilled(folder: Path, info: DatasetInfo) -> Split:
     return split
 
 
+def stage_dirs(folder: Path) -> list:
+    """The stage_XX sub-folders of a 02 output folder, in stage order (finished or not)."""
+    return sorted(d for d in Path(folder).glob("stage_[0-9]*") if d.is_dir())
+
+
+def read_stages(folder: Path, info: DatasetInfo) -> list:
+    """The increments T_1..T_K of a 02 output folder, one Split each; every stage must be finished.
+
+    Layout (02_distill_stages.py): <folder>/stage_XX/<class>/<index:06d>.png with indices running on
+    across stages, and stage_XX/manifest.json written last (no manifest = unfinished stage).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"distilled folder {folder} does not exist; run 02_distill_stages.py first")
+    stages = stage_dirs(folder)
+    if not stages:
+        raise UserError(f"{folder} has no stage_XX folders; give a folder written by 02_distill_stages.py")
+    out = []
+    for d in stages:
+        if not (d / "manifest.json").exists():
+            raise UserError(f"{d} is unfinished (no manifest.json); rerun 02_distill_stages.py with the "
+                            f"same arguments to finish it")
+        out.append(read_distilled(d, info))
+    return out
+
+
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float in [0, 1]."""
     return x.float().div_(255)
