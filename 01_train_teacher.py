@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import common as C
+import guidance as G
 
 
 def parse_args(argv=None):
@@ -127,8 +128,8 @@ def sample_accuracy(prior, teacher, info, per_class, args, device, ctx, seed, pr
     """Teacher top-1 (%) on `per_class` CFG samples of every class; returns (acc, per-class acc, images)."""
     y = torch.arange(info.num_classes, device=device).repeat_interleave(per_class)
     gen = torch.Generator(device).manual_seed(seed)
-    imgs, _ = C.sample_images(prior, y, steps=args.sample_steps, cfg=args.cfg, gen=gen,
-                              batch_size=args.sample_batch, ctx=ctx, progress=progress)
+    imgs, _ = G.sample(prior, y, steps=args.sample_steps, cfg=args.cfg, gen=gen,
+                       batch_size=args.sample_batch, ctx=ctx, progress=progress)
     pred = C.predict(teacher, imgs, ctx=ctx).argmax(1)
     per = [(pred[y == c] == c).float().mean().item() * 100 for c in range(info.num_classes)]
     return (pred == y).float().mean().item() * 100, per, imgs

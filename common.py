@@ -1,8 +1,8 @@
 """Shared pieces of the three scripts: config, device, data, models, the DiT prior, training, I/O.
 
 Sections, in dependency order: 1 config and seeding; 2 device and precision; 3 data; 4 models;
-5 diffusion (DiT prior and sampler); 6 training loop; 7 I/O. Every image tensor handed between
-functions is float in [0, 1], shape (B, C, H, W); classifiers normalise internally, the DiT maps
+5 diffusion (the DiT prior; its sampler and the guidance terms live in guidance.py); 6 training loop;
+7 I/O; 8 run folders (what 02 and 03 read back from 01). Every image tensor handed between functions is float in [0, 1], shape (B, C, H, W); classifiers normalise internally, the DiT maps
 to [-1, 1] (pixel) or to VAE latents itself. Datasets are kept as uint8 tensors on the device.
 """
 import argparse
@@ -417,6 +417,24 @@ def augment_basic(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     return random_flip(x) if info.flip else x
 
 
+def cutmix(x: torch.Tensor, beta: float = 1.0):
+    """CutMix (Yun et al., 2019) on a batch: a box from a shuffled copy is pasted into every image.
+
+    Returns (mixed x, permutation, lam) with lam the area fraction kept; the loss is
+    lam CE(y) + (1 - lam) CE(y[perm]). Draws from torch's global generator (saved for resume).
+    """
+    B, _, H, W = x.shape
+    lam = torch.distributions.Beta(beta, beta).sample().item()
+    perm = torch.randperm(B, device=x.device)
+    r = (1 - lam) ** 0.5
+    h, w = int(H * r), int(W * r)
+    cy, cx = torch.randint(H, (1,)).item(), torch.randint(W, (1,)).item()
+    y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + h // 2, H), max(cx - w // 2, 0), min(cx + w // 2, W)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    return x, perm, 1 - (y1 - y0) * (x1 - x0) / (H * W)
+
+
 # ======================================================================================
 # 4. Models
 # ======================================================================================
@@ -596,7 +614,7 @@ def accuracy(model, split: Split, ctx=nullcontext()) -> float:
 
 
 # ======================================================================================
-# 5. Diffusion: the DiT prior and its sampler
+# 5. Diffusion: the DiT prior (sampling and guidance: guidance.py)
 # ======================================================================================
 
 
@@ -738,34 +756,6 @@ def load_prior(source: str | Path, info: DatasetInfo, device) -> Prior:
     return Prior(tr, sched_cfg, info, vae).to(device)
 
 
-@torch.no_grad()
-def sample_images(prior: Prior, y: torch.Tensor, *, steps=50, cfg=4.0, gen: torch.Generator,
-                  guide=None, batch_size=256, ctx=nullcontext(), progress=True):
-    """Plain CFG DDPM ancestral sampling of one image per label in y; returns (images in [0, 1], final z).
-
-    `guide(i, t, x_t, x_prev, eps, y, sched) -> x_prev` is called after each scheduler step with the
-    batch's dataset labels y: it is where guidance terms (learnability, adversarial, deviation) plug
-    in, recomputing eps under torch.enable_grad() when the gradient must flow through the DiT. None
-    gives the `dit` baseline. Noise comes from `gen` only, so a seed fixes the output.
-    """
-    imgs, zs = [], []
-    for i0 in tqdm(range(0, len(y), batch_size), desc="sample", disable=not progress, leave=False):
-        y_data = y[i0:i0 + batch_size]
-        yb = prior.labels(y_data)
-        sched = prior.scheduler(steps)
-        x = torch.randn((len(yb), *prior.latent_shape), generator=gen, device=gen.device).to(prior.device)
-        for i, t in enumerate(sched.timesteps):
-            with ctx:
-                eps, var = prior.model_eps(x, t, yb, cfg, sched)
-            out = eps.float() if var is None else torch.cat([eps, var], 1).float()
-            x_prev = sched.step(out, t, x, generator=gen).prev_sample
-            x = guide(i, t, x, x_prev, eps, y_data, sched) if guide is not None else x_prev
-        zs.append(x)
-        with ctx:
-            imgs.append(prior.decode(x).float())
-    return torch.cat(imgs), torch.cat(zs)
-
-
 # ======================================================================================
 # 6. Training loop
 # ======================================================================================
@@ -773,13 +763,18 @@ def sample_images(prior: Prior, y: torch.Tensor, *, steps=50, cfg=4.0, gen: torc
 
 def train_classifier(model: Classifier, train: Split, info: DatasetInfo, *, epochs: int, lr=1e-3, wd=0.01,
                      batch_size=64, augment=augment_basic, ctx=nullcontext(), state_path: Path | None = None,
-                     keep_epochs=(), on_keep=None, desc="train", log_every=1):
-    """AdamW + MultiStep (x0.2 at 2/3 and 5/6) on a device-resident split; resumes from state_path.
+                     keep_epochs=(), on_keep=None, desc="train", log_every=1, optimizer="adamw",
+                     cutmix_beta=0.0, progress=True):
+    """AdamW (or SGD, momentum 0.9) + MultiStep (x0.2 at 2/3 and 5/6) on a device-resident split.
 
-    Writes the optimiser state after every epoch so an interrupted run continues where it stopped.
-    `on_keep(epoch, model)` is called after each epoch listed in keep_epochs.
+    Hard labels, optionally CutMix (cutmix_beta > 0). Writes the optimiser state to state_path
+    after every epoch so an interrupted run continues where it stopped. `on_keep(epoch, model)`
+    is called after each epoch listed in keep_epochs.
     """
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, epochs * 2 // 3), max(1, epochs * 5 // 6)], 0.2)
     start = 0
     if state_path is not None and Path(state_path).exists():
@@ -791,7 +786,7 @@ def train_classifier(model: Classifier, train: Split, info: DatasetInfo, *, epoc
         start = st["epoch"]
         print(f"{desc}: resuming after epoch {start}")
     n = len(train.y)
-    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs)
+    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, disable=not progress, leave=False)
     for ep in bar:
         model.train()
         t0, tot, correct = time.time(), 0.0, 0
@@ -799,9 +794,13 @@ def train_classifier(model: Classifier, train: Split, info: DatasetInfo, *, epoc
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
             xb, yb = augment(to_float(train.x[idx]), info), train.y[idx]
+            if cutmix_beta > 0:
+                xb, mix, lam = cutmix(xb, cutmix_beta)
             with ctx:
                 logits = model(xb)
                 loss = F.cross_entropy(logits.float(), yb)
+                if cutmix_beta > 0:
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), yb[mix])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -870,3 +869,33 @@ def save_grid(imgs: torch.Tensor, nrow: int, path: Path):
     """A grid of images (N, C, H, W) in [0, 1], `nrow` images per row, as PNG."""
     from torchvision.utils import make_grid
     save_png(make_grid(imgs.float().cpu(), nrow=nrow, padding=2, pad_value=1.0), path)
+
+
+# ======================================================================================
+# 8. Run folders: what 02 and 03 read back from 01
+# ======================================================================================
+
+
+def read_run_info(run: Path) -> DatasetInfo:
+    """The dataset description 01 wrote into the run folder."""
+    f = Path(run) / "dataset.json"
+    if not f.exists():
+        raise UserError(f"{run} is not a run folder of 01 (no dataset.json); run 01_train_teacher.py --run {run} first")
+    return DatasetInfo.from_dict(read_json(f))
+
+
+def load_run_teacher(run: Path, info: DatasetInfo, device) -> Classifier:
+    """The finished teacher (reference model) of a run folder."""
+    folder = Path(run) / "teacher"
+    if not (folder / "metrics.json").exists():
+        raise UserError(f"{folder} holds no finished teacher; run 01_train_teacher.py --run {run} first")
+    return load_classifier(folder / "teacher.pt", info, device)
+
+
+def load_run_prior(run: Path, info: DatasetInfo, device):
+    """The DiT prior of a run folder: the trained pixel DiT, or the pretrained pipeline 01 recorded."""
+    folder = Path(run) / "dit"
+    if not (folder / "metrics.json").exists():
+        raise UserError(f"{folder} holds no finished DiT; run 01_train_teacher.py --run {run} first")
+    src = folder / "source.json"
+    return load_prior(read_json(src)["dit"] if src.exists() else folder, info, device)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import common as C
+import guidance as G
 from conftest import make_image_tree
 
 
@@ -44,8 +45,8 @@ def test_sampling_is_seeded_and_cfg_matters():
     y = torch.arange(10)
 
     def run(seed, cfg=4.0):
-        return C.sample_images(prior, y, steps=5, cfg=cfg, gen=torch.Generator().manual_seed(seed),
-                               progress=False)[0]
+        return G.sample(prior, y, steps=5, cfg=cfg, gen=torch.Generator().manual_seed(seed),
+                        progress=False)[0]
     a, b, c = run(1), run(1), run(2)
     assert a.shape == (10, 1, 28, 28) and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -107,8 +108,8 @@ def test_offline_pretrained_latent_pipeline(tmp_path):
     folder = save_tiny_latent_pipeline(tmp_path / "pipe", num_labels=3)
     prior = C.load_prior(folder, info, "cpu")
     assert prior.vae is not None and prior.learned_sigma and prior.latent_shape == (4, 8, 8)
-    imgs, z = C.sample_images(prior, torch.tensor([0, 1, 2]), steps=3, cfg=4.0,
-                              gen=torch.Generator().manual_seed(0), progress=False)
+    imgs, z = G.sample(prior, torch.tensor([0, 1, 2]), steps=3, cfg=4.0,
+                       gen=torch.Generator().manual_seed(0), progress=False)
     assert imgs.shape == (3, 3, 16, 16) and z.shape == (3, 4, 8, 8)
     assert torch.isfinite(imgs).all()
     # decoding undoes the VAE scaling factor; the learned variance reaches the scheduler
