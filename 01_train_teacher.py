@@ -59,7 +59,7 @@ def parse_args(argv=None):
     g.add_argument("--dit-patch", type=C.positive_int, default=4)
     g.add_argument("--dit-min-snr", type=float, default=0.0, help="min-SNR-gamma loss weight (0 = off)")
     g.add_argument("--dit-ckpt-every", type=C.positive_int, default=250, help="steps between resumable checkpoints")
-    g.add_argument("--dit-eval-every", type=int, default=0,
+    g.add_argument("--dit-eval-every", type=C.nonneg_int, default=0,
                    help="steps between sample-accuracy probes (20 per class) logged in metrics.json; 0 = off")
     g = p.add_argument_group("sampling (for the sample accuracy)")
     g.add_argument("--sample-steps", type=C.positive_int, default=50, help="DDPM ancestral steps (papers: 50)")

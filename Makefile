@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 RUN     ?= runs/mnist5k
 ARGS    ?=
 
-.PHONY: setup demo teacher test clean
+.PHONY: setup demo teacher distill bench test clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 .venv/done: requirements.txt
@@ -17,8 +17,17 @@ setup: .venv/done
 teacher: setup
 	$(PY) 01_train_teacher.py --run $(RUN) $(ARGS)
 
-# the main job: every script in order on the embedded MNIST digits (02 and 03 join as they land)
-demo: teacher
+# 02: one distilled set per method (IPC 50 as 5 stages of 10); finished stages are skipped on rerun
+METHODS ?= random dit lgd acs
+distill: teacher
+	for m in $(METHODS); do $(PY) 02_distill_stages.py --run $(RUN) --method $$m || exit 1; done
+
+# the main job: every script in order on the embedded MNIST digits (03 joins when it lands)
+demo: teacher distill
+
+# timings and method checks measured in one run (fresh sets under runs/bench02)
+bench: setup
+	$(PY) benchmarks/bench_02.py --run $(RUN)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -52,15 +52,24 @@ def add_common_args(p: argparse.ArgumentParser, run_help: str):
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
 
 
-def positive_int(s: str) -> int:
-    """argparse type for counts and sizes that must be >= 1."""
+def _int_at_least(s: str, low: int) -> int:
     try:
         v = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
     return v
+
+
+def positive_int(s: str) -> int:
+    """argparse type for counts and sizes that must be >= 1."""
+    return _int_at_least(s, 1)
+
+
+def nonneg_int(s: str) -> int:
+    """argparse type for intervals where 0 means off."""
+    return _int_at_least(s, 0)
 
 
 def rng_state() -> dict:
@@ -282,21 +291,28 @@ def list_class_folders(folder: Path) -> dict:
     return out
 
 
-def read_image(path: Path, channels: int, size: int | None) -> torch.Tensor:
-    """One image as uint8 (C, H, W); resized (shorter side) and centre-cropped when size is given."""
+def open_image(path: Path):
+    """A fully decoded PIL image; an unreadable or truncated file is a UserError naming it."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if size is not None and im.size != (size, size):
-                s = size / min(im.size)
-                w, h = max(size, round(im.width * s)), max(size, round(im.height * s))
-                im = im.resize((w, h), Image.BICUBIC)
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-            a = np.asarray(im, dtype=np.uint8)
+            im.load()
+            return im.copy()
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"cannot read image {path} ({e.__class__.__name__}); delete or replace the file") from None
+
+
+def read_image(path: Path, channels: int, size: int | None) -> torch.Tensor:
+    """One image as uint8 (C, H, W); resized (shorter side) and centre-cropped when size is given."""
+    from PIL import Image
+    im = open_image(path).convert("L" if channels == 1 else "RGB")
+    if size is not None and im.size != (size, size):
+        s = size / min(im.size)
+        w, h = max(size, round(im.width * s)), max(size, round(im.height * s))
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    a = np.asarray(im, dtype=np.uint8)
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return torch.from_numpy(a.copy())
 
@@ -334,13 +350,9 @@ def _load_folder_dataset(name, root: Path, size, mean, std, wnids):
         class_map = [wnids[c] for c in classes]
     # channels and size are read off the first training image when not given
     first = list_class_folders(train_dir)[classes[0]][0]
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(first) as im:
-            channels = 1 if im.mode in ("L", "1", "I;16") else 3
-            size = size or min(im.size)
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {first} ({e.__class__.__name__}); delete or replace the file") from None
+    im = open_image(first)
+    channels = 1 if im.mode in ("L", "1", "I;16") else 3
+    size = size or min(im.size)
     mean = mean or ((0.5,) * channels)
     std = std or ((0.5,) * channels)
     info = DatasetInfo(name, channels, size, tuple(mean), tuple(std), classes,
