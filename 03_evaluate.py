@@ -180,7 +180,7 @@ class Evaluator:
         self.args, self.info, self.test, self.teacher = args, info, test, teacher
         self.protocols, self.device, self.ctx, self.cache = protocols, device, ctx, cache
         self.test_hash = split_hash(test)
-        self.trained, self.reused = 0, 0
+        self.trained, self.reused, self.done = 0, 0, set()  # done: keys trained by this call (--overwrite)
 
     def student(self, train: C.Split, student: str, proto: str, epochs: int, seed: int,
                 targets: dict | None = None, desc="") -> dict:
@@ -191,7 +191,7 @@ class Evaluator:
                "targets": {k: split_hash(v) for k, v in sorted(targets.items())}}
         key = hashlib.sha1(json.dumps(job, sort_keys=True).encode()).hexdigest()[:20]
         path = self.cache / "students" / f"{key}.json"
-        if path.exists() and not self.args.overwrite:
+        if path.exists() and (not self.args.overwrite or key in self.done):
             self.reused += 1
             return C.read_json(path)
         t0 = time.time()
@@ -204,6 +204,7 @@ class Evaluator:
                "train_size": len(train.y), "wall_s": time.time() - t0}
         C.write_json(path, out)
         self.trained += 1
+        self.done.add(key)
         tqdm.write(f"{desc}: {out['acc']:.2f} % ({out['wall_s']:.0f} s)")
         return out
 
@@ -396,8 +397,7 @@ def main():
         sorted({int(x) for x in comma_list(args.baseline_ipcs, None, "--baseline-ipcs")})
     _, train, test = C.load_dataset(info.name, Path(info.root) if info.root else None, info.size)
     seeds = [args.seed + k for k in range(args.seeds)]
-    ana_seeds = seeds[:args.analysis_seeds] if args.analysis_seeds <= len(seeds) else \
-        [args.seed + k for k in range(args.analysis_seeds)]
+    ana_seeds = [args.seed + k for k in range(args.analysis_seeds)]  # the first of them reuse the main results
     proto_kw = dict(lr=args.lr, wd=args.wd, batch_size=args.batch_size, cutmix_beta=args.cutmix_beta,
                     cutmix_p=args.cutmix_p, crop_scale=args.crop_scale, tau=args.tau)
     protos = {p: C.Protocol(p, **proto_kw) for p in PROTOCOLS}

@@ -50,6 +50,20 @@ def test_same_seed_same_student(data):
     assert not all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
+def test_batched_augmentations():
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.allclose(C.random_resized_crop(x, (1.0, 1.0), (1.0, 1.0)), x, atol=1e-5)  # full crop = identity
+    g = torch.Generator().manual_seed(0)
+    assert not torch.allclose(C.random_resized_crop(x, (0.3, 0.3), gen=g), x, atol=1e-2)
+    imgs = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 28, 28)  # image i is the constant i
+    for _ in range(5):
+        mixed, partner, lam = C.cutmix(imgs, 1.0, g)
+        kept = (mixed == imgs).float().mean((1, 2, 3))  # (8,) fraction of each image left untouched
+        moved = partner != torch.arange(8)
+        assert torch.allclose(kept[moved], torch.full_like(kept[moved], lam), atol=1e-6)
+        assert torch.equal(mixed[~moved], imgs[~moved])
+
+
 def test_soft_protocol_needs_and_uses_teacher(data):
     info, train, _ = data
     sub = C.Split(train.x[:32], train.y[:32])
