@@ -215,13 +215,12 @@ def sample_slots(env: Env, y, gen, guidance: G.Guidance, kappa=1, score=None, de
 
 
 def train_guide(env: Env, k: int, sgd: bool) -> C.Classifier:
-    """f_cur (lgd: the §6 hard-label trainer, AdamW) or D_k (acs: SGD 0.01, momentum, wd 5e-4), CutMix."""
+    """f_cur (lgd: the §6 hard-label protocol, AdamW) or D_k (acs: SGD 0.01, momentum 0.9, wd 5e-4), from
+    scratch on every earlier stage, with CutMix + random-resized crop; seeded by the stage's seed."""
     model = C.build_model(env.s["guide_model"], env.info).to(env.device)
-    train = env.union()
-    lr, wd = (0.01, 5e-4) if sgd else (1e-3, 0.01)
-    C.train_classifier(model, train, env.info, epochs=env.s["guide_epochs"], lr=lr, wd=wd, batch_size=64,
-                       augment=C.augment_basic, ctx=env.ctx, optimizer="sgd" if sgd else "adamw", cutmix_beta=1.0,
-                       desc=f"stage {k + 1} {'D_k' if sgd else 'f_cur'}", log_every=10 ** 9, progress=True)
+    proto = C.Protocol("hard", lr=0.01, wd=5e-4, optimizer="sgd") if sgd else C.Protocol("hard")
+    C.train_student(model, env.union(), env.info, proto, epochs=env.s["guide_epochs"],
+                    seed=stage_seed(env.args.seed, k), ctx=env.ctx, desc=f"stage {k + 1} {'D_k' if sgd else 'f_cur'}")
     return model.eval()
 
 

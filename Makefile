@@ -2,8 +2,9 @@
 PY      := .venv/bin/python
 RUN     ?= runs/mnist5k
 ARGS    ?=
+EVAL_ARGS ?=
 
-.PHONY: setup demo teacher distill bench test clean
+.PHONY: setup demo teacher distill evaluate bench bench-eval test clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 .venv/done: requirements.txt
@@ -22,12 +23,20 @@ METHODS ?= random dit lgd acs
 distill: teacher
 	for m in $(METHODS); do $(PY) 02_distill_stages.py --run $(RUN) --method $$m || exit 1; done
 
-# the main job: every script in order on the embedded MNIST digits (03 joins when it lands)
-demo: teacher distill
+# 03: evaluates every set under $(RUN)/distilled with the random and full-data baselines
+evaluate: distill
+	$(PY) 03_evaluate.py --run $(RUN) $(EVAL_ARGS)
 
-# timings and method checks measured in one run (fresh sets under runs/bench02)
+# the main job: every script in order on the embedded MNIST digits
+demo: teacher distill evaluate
+
+# timings and method checks of 02 measured in one run (fresh sets under runs/bench02)
 bench: setup
 	$(PY) benchmarks/bench_02.py --run $(RUN)
+
+# wall time of one method at IPC 50, 3 convnet-3 seeds, hard labels (copies $(RUN)'s teacher to a temp folder)
+bench-eval: setup
+	$(PY) tests/bench_eval.py --run $(RUN)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -7,6 +7,7 @@ to [-1, 1] (pixel) or to VAE latents itself. Datasets are kept as uint8 tensors 
 """
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -366,6 +367,12 @@ def read_distilled(folder: Path, info: DatasetInfo) -> Split:
     extra = sorted(set(found) - set(info.classes))
     if extra:
         raise UserError(f"{folder} has class folders {extra[:5]} not in dataset {info.name}")
+    for files in found.values():  # read_image converts to the dataset's mode, so look at each class's first file
+        mode = open_image(files[0]).mode
+        ch = 1 if mode in ("1", "L", "I", "I;16", "F") else 3 if mode in ("RGB", "P") else len(mode)
+        if ch != info.channels:
+            raise UserError(f"{files[0]} has {ch} channel(s) ({mode}) but dataset {info.name} has "
+                            f"{info.channels}; regenerate the images for this run")
     split = _read_split(Path(folder), info.classes, info.channels, None)
     if tuple(split.x.shape[1:]) != (info.channels, info.size, info.size):
         raise UserError(f"images in {folder} are {tuple(split.x.shape[1:])}, dataset {info.name} needs "
@@ -429,22 +436,42 @@ def augment_basic(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     return random_flip(x) if info.flip else x
 
 
-def cutmix(x: torch.Tensor, beta: float = 1.0):
-    """CutMix (Yun et al., 2019) on a batch: a box from a shuffled copy is pasted into every image.
+def random_resized_crop(x: torch.Tensor, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
+                        gen: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample random-resized crop back to the input size (B, C, H, W), as one grid_sample.
 
-    Returns (mixed x, permutation, lam) with lam the area fraction kept; the loss is
-    lam CE(y) + (1 - lam) CE(y[perm]). Draws from torch's global generator (saved for resume).
+    Area fraction ~ U(scale), log aspect ~ U(log ratio); sides beyond the image are clipped to it
+    (torchvision retries instead; the difference only matters for extreme ratios).
+    """
+    B, dev = x.shape[0], x.device
+    area = torch.empty(B, device=dev).uniform_(*scale, generator=gen)
+    r = torch.empty(B, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen).exp()
+    w, h = (area * r).sqrt().clamp(max=1.0), (area / r).sqrt().clamp(max=1.0)  # fractions of the side
+    cx = (torch.rand(B, device=dev, generator=gen) * 2 - 1) * (1 - w)  # crop centre in [-1, 1] coordinates
+    cy = (torch.rand(B, device=dev, generator=gen) * 2 - 1) * (1 - h)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def cutmix(x: torch.Tensor, beta=1.0, gen: torch.Generator | None = None):
+    """CutMix: paste one box of a shuffled partner into every image of the batch.
+
+    Returns (mixed x, partner index (B,), lam) with lam the area fraction kept from the original, so
+    the loss is lam * loss(y) + (1 - lam) * loss(y[partner]).
     """
     B, _, H, W = x.shape
-    lam = torch.distributions.Beta(beta, beta).sample().item()
-    perm = torch.randperm(B, device=x.device)
-    r = (1 - lam) ** 0.5
-    h, w = int(H * r), int(W * r)
-    cy, cx = torch.randint(H, (1,)).item(), torch.randint(W, (1,)).item()
-    y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + h // 2, H), max(cx - w // 2, 0), min(cx + w // 2, W)
+    # torch's Beta sampler takes no generator; numpy's, seeded from ours, keeps everything on one seed
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+    lam = rng.beta(beta, beta)
+    ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+    cy, cx = rng.integers(H), rng.integers(W)
+    y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
+    partner = torch.randperm(B, device=x.device, generator=gen)
     x = x.clone()
-    x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-    return x, perm, 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    x[:, :, y0:y1, x0:x1] = x[partner, :, y0:y1, x0:x1]
+    return x, partner, 1 - (y1 - y0) * (x1 - x0) / (H * W)
 
 
 # ======================================================================================
@@ -625,6 +652,26 @@ def accuracy(model, split: Split, ctx=nullcontext()) -> float:
     return (predict(model, split.x, ctx=ctx).argmax(1) == split.y).float().mean().item() * 100
 
 
+@torch.no_grad()
+def features(model: Classifier, x_u8: torch.Tensor, batch_size=500, ctx=nullcontext()) -> torch.Tensor:
+    """Penultimate features (N, F) of uint8 images, in eval mode, batched."""
+    model.eval()
+    out = []
+    for i in range(0, len(x_u8), batch_size):
+        with ctx:
+            out.append(model.features(to_float(x_u8[i:i + batch_size])).float())
+    return torch.cat(out)
+
+
+def centroid_cosine(feats: torch.Tensor, y: torch.Tensor, num_classes: int) -> list:
+    """Per class, the mean cosine similarity of each feature (N, F) to its class centroid (DELT Fig. 2)."""
+    out = []
+    for c in range(num_classes):
+        f = feats[y == c]
+        out.append(F.cosine_similarity(f, f.mean(0, keepdim=True)).mean().item() if len(f) else float("nan"))
+    return out
+
+
 # ======================================================================================
 # 5. Diffusion: the DiT prior (sampling and guidance: guidance.py)
 # ======================================================================================
@@ -775,18 +822,13 @@ def load_prior(source: str | Path, info: DatasetInfo, device) -> Prior:
 
 def train_classifier(model: Classifier, train: Split, info: DatasetInfo, *, epochs: int, lr=1e-3, wd=0.01,
                      batch_size=64, augment=augment_basic, ctx=nullcontext(), state_path: Path | None = None,
-                     keep_epochs=(), on_keep=None, desc="train", log_every=1, optimizer="adamw",
-                     cutmix_beta=0.0, progress=True):
-    """AdamW (or SGD, momentum 0.9) + MultiStep (x0.2 at 2/3 and 5/6) on a device-resident split.
+                     keep_epochs=(), on_keep=None, desc="train", log_every=1):
+    """AdamW + MultiStep (x0.2 at 2/3 and 5/6) on a device-resident split; resumes from state_path.
 
-    Hard labels, optionally CutMix (cutmix_beta > 0). Writes the optimiser state to state_path
-    after every epoch so an interrupted run continues where it stopped. `on_keep(epoch, model)`
-    is called after each epoch listed in keep_epochs.
+    Writes the optimiser state after every epoch so an interrupted run continues where it stopped.
+    `on_keep(epoch, model)` is called after each epoch listed in keep_epochs.
     """
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, epochs * 2 // 3), max(1, epochs * 5 // 6)], 0.2)
     start = 0
     if state_path is not None and Path(state_path).exists():
@@ -798,7 +840,7 @@ def train_classifier(model: Classifier, train: Split, info: DatasetInfo, *, epoc
         start = st["epoch"]
         print(f"{desc}: resuming after epoch {start}")
     n = len(train.y)
-    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, disable=not progress, leave=False)
+    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs)
     for ep in bar:
         model.train()
         t0, tot, correct = time.time(), 0.0, 0
@@ -806,13 +848,9 @@ def train_classifier(model: Classifier, train: Split, info: DatasetInfo, *, epoc
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
             xb, yb = augment(to_float(train.x[idx]), info), train.y[idx]
-            if cutmix_beta > 0:
-                xb, mix, lam = cutmix(xb, cutmix_beta)
             with ctx:
                 logits = model(xb)
                 loss = F.cross_entropy(logits.float(), yb)
-                if cutmix_beta > 0:
-                    loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), yb[mix])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -828,6 +866,71 @@ def train_classifier(model: Classifier, train: Split, info: DatasetInfo, *, epoc
             torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "rng": rng_state(), "epoch": ep + 1}, state_path)
     return model
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An evaluation protocol (METHODS.md 6): how a student is trained on a (distilled) set.
+
+    hard: cross-entropy on the set's labels, MultiStep x0.2 at 2/3 and 5/6 of the epochs.
+    soft: the teacher relabels every augmented batch; KL(softmax(z_T/tau) || softmax(z_S/tau)), cosine.
+    Both: AdamW (or SGD), CutMix (probability cutmix_p) + random-resized crop + flip where labels allow.
+    """
+    name: str
+    lr: float = 1e-3
+    wd: float = 0.01
+    batch_size: int = 64
+    cutmix_beta: float = 1.0
+    cutmix_p: float = 1.0
+    crop_scale: float = 0.5  # lower bound of the random-resized-crop area fraction
+    tau: float = 20.0  # soft labels only
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9): ACS's discriminator recipe
+
+
+def train_student(model: Classifier, train: Split, info: DatasetInfo, proto: Protocol, *, epochs: int, seed: int,
+                  teacher: Classifier | None = None, ctx=nullcontext(), desc="student", progress=True):
+    """Train `model` from its current weights on a device-resident split under `proto`; returns it.
+
+    All randomness (batch order, crops, flips, CutMix) comes from one generator seeded with `seed`,
+    so a seed gives the same student on rerun (on CPU; CUDA kernels may differ in the last bits).
+    """
+    if proto.name == "soft" and teacher is None:
+        raise ValueError("the soft protocol needs a teacher")
+    if teacher is not None:
+        teacher.eval()  # frozen: BatchNorm running statistics must not move
+    dev = train.x.device
+    gen = torch.Generator(dev).manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=proto.lr, momentum=0.9, weight_decay=proto.wd) \
+        if proto.optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=proto.lr, weight_decay=proto.wd)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, epochs * 2 // 3), max(1, epochs * 5 // 6)], 0.2) \
+        if proto.name == "hard" else torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    n = len(train.y)
+    for _ in tqdm(range(epochs), desc=desc, leave=False, disable=not progress):
+        model.train()
+        perm = torch.randperm(n, device=dev, generator=gen)
+        for i in range(0, n, proto.batch_size):
+            idx = perm[i:i + proto.batch_size]
+            xb, yb = random_resized_crop(to_float(train.x[idx]), (proto.crop_scale, 1.0), gen=gen), train.y[idx]
+            if info.flip:
+                xb = random_flip(xb, gen)
+            partner, lam = None, 1.0
+            if proto.cutmix_p > 0 and torch.rand(1, device=dev, generator=gen).item() < proto.cutmix_p:
+                xb, partner, lam = cutmix(xb, proto.cutmix_beta, gen)
+            with ctx:
+                logits = model(xb).float()
+                if proto.name == "soft":  # the teacher labels exactly the image the student sees
+                    with torch.no_grad():
+                        target = F.softmax(teacher(xb).float() / proto.tau, 1)
+                    loss = F.kl_div(F.log_softmax(logits / proto.tau, 1), target, reduction="batchmean")
+                else:
+                    loss = lam * F.cross_entropy(logits, yb)
+                    if partner is not None:
+                        loss = loss + (1 - lam) * F.cross_entropy(logits, yb[partner])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return model.eval()
 
 
 # ======================================================================================

@@ -1,0 +1,184 @@
+"""03_evaluate.py: deterministic students, random baseline, DD-Ranking, redundancy, end to end, bad input."""
+import importlib.util
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common as C
+from bench_eval import write_set
+from conftest import ROOT, assert_user_error, run_script
+
+spec = importlib.util.spec_from_file_location("evaluate03", ROOT / "03_evaluate.py")
+E = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(E)
+
+TINY = ["--students", "convnet-1", "--seeds", "2", "--epochs", "2", "--full-epochs", "1", "--batch-size", "500"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return C.load_dataset("mnist5k")
+
+
+@pytest.fixture
+def run(tmp_path, data):
+    """A run folder as 01 leaves it, with an untrained convnet-1-bn standing in for the teacher."""
+    info, train, _ = data
+    run = tmp_path / "run"
+    C.write_json(run / "dataset.json", info.to_dict())
+    torch.manual_seed(0)
+    C.save_classifier(run / "teacher" / "teacher.pt", C.build_model("convnet-1-bn", info), "convnet-1-bn", info)
+    C.write_json(run / "teacher" / "config.json", {"args": {"epochs": 1}})
+    return run
+
+
+def test_same_seed_same_student(data):
+    info, train, test = data
+    sub = C.Split(train.x[:40], train.y[:40])
+    proto = C.Protocol("hard", batch_size=16)
+
+    def fit(seed):
+        torch.manual_seed(seed)
+        m = C.train_student(C.build_model("convnet-1", info), sub, info, proto, epochs=3, seed=seed, progress=False)
+        return m.state_dict(), C.accuracy(m, test)
+    (w0, a0), (w0b, a0b), (w1, _) = fit(0), fit(0), fit(1)
+    assert a0 == a0b and all(torch.equal(w0[k], w0b[k]) for k in w0)
+    assert not all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_batched_augmentations():
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.allclose(C.random_resized_crop(x, (1.0, 1.0), (1.0, 1.0)), x, atol=1e-5)  # full crop = identity
+    g = torch.Generator().manual_seed(0)
+    assert not torch.allclose(C.random_resized_crop(x, (0.3, 0.3), gen=g), x, atol=1e-2)
+    imgs = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 28, 28)  # image i is the constant i
+    for _ in range(5):
+        mixed, partner, lam = C.cutmix(imgs, 1.0, g)
+        kept = (mixed == imgs).float().mean((1, 2, 3))  # (8,) fraction of each image left untouched
+        moved = partner != torch.arange(8)
+        assert torch.allclose(kept[moved], torch.full_like(kept[moved], lam), atol=1e-6)
+        assert torch.equal(mixed[~moved], imgs[~moved])
+
+
+def test_soft_protocol_needs_and_uses_teacher(data):
+    info, train, _ = data
+    sub = C.Split(train.x[:32], train.y[:32])
+    teacher = C.build_model("convnet-1-bn", info).eval()
+    with pytest.raises(ValueError):
+        C.train_student(C.build_model("convnet-1", info), sub, info, C.Protocol("soft"), epochs=1, seed=0,
+                        progress=False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    C.train_student(C.build_model("convnet-1", info), sub, info, C.Protocol("soft"), epochs=1, seed=0,
+                    teacher=teacher, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # frozen, BN stats too
+
+
+def test_random_draws_balanced_disjoint_cached(tmp_path, data):
+    info, train, _ = data
+    draws = E.random_draws(train, 7, 3, seed=5, cache=tmp_path, refresh=False)
+    for d in draws:
+        assert torch.bincount(train.y[d], minlength=10).tolist() == [7] * 10
+    assert len(set(torch.cat(draws).tolist())) == 3 * 70  # disjoint across draws
+    assert (tmp_path / "random_ipc7_seed5.json").exists()
+    again = E.random_draws(train, 7, 2, seed=5, cache=tmp_path, refresh=False)
+    assert all(torch.equal(a, b) for a, b in zip(again, draws))
+    other = E.random_draws(train, 7, 1, seed=6, cache=tmp_path, refresh=False)
+    assert not torch.equal(other[0], draws[0])
+    with pytest.raises(C.UserError, match="lower --seeds"):
+        E.random_draws(train, 300, 2, seed=5, cache=tmp_path, refresh=False)
+
+
+def test_lrs_hand_computed():
+    d = E.dd_ranking(full_hard=0.99, syn_hard=0.90, syn_own=0.93, rand_own=0.85)
+    assert d["hlr"] == pytest.approx(0.09) and d["ior"] == pytest.approx(0.08)
+    # alpha = (0.08 - 0.09) / 2 = -0.005; (e^-0.005 - e^-1) / (e - e^-1) = (0.995012 - 0.367879) / 2.350402
+    assert d["lrs"] == pytest.approx(0.266820, abs=1e-6)
+    assert E.dd_ranking(0.9, 0.9, 0.9, 0.9)["lrs"] == pytest.approx((1 - math.exp(-1)) / (math.e - math.exp(-1)))
+
+
+def test_epoch_rules():
+    assert [E.epochs_for(i, "paper") for i in (1, 10, 11, 50, 100, 500)] == [2000, 2000, 1500, 1500, 1000, 1000]
+    assert [E.epochs_for(i, "small") for i in (10, 50, 200)] == [80, 60, 40]
+    assert E.epochs_for(50, "7") == 7
+
+
+def test_redundancy_of_a_set_with_itself(tmp_path, run, data):
+    """Every increment holds the same images: each row is constant, the diagonal is the training accuracy."""
+    info, train, test = data
+    stages = C.read_stages(write_set(tmp_path / "same", train, info, "dit", [2, 2, 2], repeat_first=True), info)
+    ev = E.Evaluator(SimpleNamespace(overwrite=False), info, test, None,
+                     {"hard": C.Protocol("hard", batch_size=32)}, torch.device("cpu"), C.nullcontext(), tmp_path)
+    rd = E.redundancy(ev, stages, "convnet-1", "hard", "40", [0], "same")
+    M = torch.tensor(rd["matrix"])
+    assert M.shape == (3, 3)
+    assert torch.equal(M, M[:, :1].expand(3, 3))  # same images, same accuracy in every column
+    assert rd["diagonal"] == rd["off_diagonal"] and rd["diagonal"] >= 90  # fits its 20 training images
+
+
+def test_end_to_end_writes_all_outputs(run, data):
+    info, train, _ = data
+    write_set(run / "distilled" / "dit-ipc4", train, info, "dit", [2, 2], seed=1)
+    write_set(run / "distilled" / "lgd-ipc4", train, info, "lgd", [2, 2], seed=2)
+    write_set(run / "distilled" / "delt-ipc4", train, info, "delt", [2, 2], seed=3)
+    p = run_script("03_evaluate.py", "--run", run, *TINY)
+    out = run / "eval" / "default"
+    for f in ("config.json", "results.json", "results.csv", "results.md", "acc_vs_ipc.png", "diversity.png",
+              "redundancy_dit-ipc4.png", "redundancy_lgd-ipc4.png"):
+        assert (out / f).exists(), f
+    res = json.loads((out / "results.json").read_text())
+    kinds = {(r["kind"], r["set"], r["protocol"]) for r in res["rows"]}
+    assert {("full", "full", "hard"), ("random", "random", "hard"), ("random", "random", "soft"),
+            ("set", "dit-ipc4", "hard"), ("set", "delt-ipc4", "soft")} <= kinds
+    assert all(len(r["accs"]) == 2 and r["seeds"] == [0, 1] for r in res["rows"] if r["kind"] != "stage")
+    assert res["ddranking"]["delt-ipc4"]["own_protocol"] == "soft" and "lrs" in res["ddranking"]["dit-ipc4"]
+    assert len(res["redundancy"]["lgd-ipc4"]["matrix"]) == 2 and "reduction_vs_ref" in res["redundancy"]["lgd-ipc4"]
+    assert [p["ipc"] for p in res["stages"]["lgd-ipc4"]["points"]] == [2, 4]
+    assert len(res["diversity"]["dit-ipc4"]["per_class"]) == 10
+    md = (out / "results.md").read_text()
+    assert "full data" in md and "random (IPC 4)" in md and "| dit-ipc4 |" in md
+    # a rerun of the same command reuses every cached student and reproduces the numbers
+    p2 = run_script("03_evaluate.py", "--run", run, *TINY)
+    assert " 0 students trained" in p2.stdout, p2.stdout[-500:]
+    assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+    assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, "--seeds", "3", check=False), "--overwrite")
+
+
+def _bad_folder(kind, folder, info):
+    st = folder / "stage_01"
+    if kind == "missing class":
+        shutil.rmtree(st / "3")
+    elif kind == "unequal ipc":
+        C.save_png(torch.zeros(1, 28, 28), st / "4" / "000999.png")
+    elif kind == "size":
+        for f in st.glob("*/*.png"):
+            C.save_png(torch.zeros(1, 32, 32), f)
+    elif kind == "channels":
+        for f in (st / "2").iterdir():
+            C.save_png(torch.zeros(3, 28, 28), f)
+    elif kind == "unfinished":
+        (folder / "stage_02" / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("kind,fragment", [("missing class", "lacks class folders"),
+                                           ("unequal ipc", "unequal images per class"),
+                                           ("size", "are (1, 32, 32)"), ("channels", "has 3 channel(s)"),
+                                           ("unfinished", "unfinished")])
+def test_bad_folder(kind, fragment, run, data):
+    info, train, _ = data
+    folder = write_set(run / "distilled" / "dit-ipc2", train, info, "dit", [1, 1])
+    _bad_folder(kind, folder, info)
+    assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, check=False), fragment)
+    assert not (run / "eval").exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize("flags,fragment", [(["--students", "convnet-1,vgg99"], "unknown model 'vgg99'"),
+                                            (["--protocols", "hard,fuzzy"], "unknown --protocols value 'fuzzy'"),
+                                            (["--epochs", "many"], "--epochs must be")])
+def test_bad_flags(flags, fragment, run, data):
+    info, train, _ = data
+    write_set(run / "distilled" / "dit-ipc2", train, info, "dit", [1, 1])
+    assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, *flags, check=False), fragment)
