@@ -260,8 +260,11 @@ def write_markdown(path: Path, res: dict, sets: list):
         lines = [("full", "full data", "full", None), ("random", f"random (IPC {ipc})", "random", ipc)]
         lines += [("set", s["name"], s["method"], ipc) for s in sets if s["ipc"] == ipc]
         for kind, name, method, i in lines:
-            cells = [fmt(find.get((kind, name if kind == "set" else kind, s, p, i if i else res["full_ipc"])))
+            found = [find.get((kind, name if kind == "set" else kind, s, p, i if i else res["full_ipc"]))
                      for s, p in cols]
+            if not any(found):  # a baseline left out with --baselines
+                continue
+            cells = [fmt(r) for r in found]
             dd = res["ddranking"].get(name) if kind == "set" else None
             dd_cells = [f"{dd[k]:+.4f}" if k != "lrs" else f"{dd[k]:.4f}" for k in ("hlr", "ior", "lrs")] + \
                 [dd["own_protocol"]] if dd else ["", "", "", ""]
