@@ -36,7 +36,7 @@ bench: setup
 
 # wall time of one method at IPC 50, 3 convnet-3 seeds, hard labels (copies $(RUN)'s teacher to a temp folder)
 bench-eval: setup
-	$(PY) tests/bench_eval.py --run $(RUN)
+	$(PY) benchmarks/bench_03.py --run $(RUN)
 
 test: setup
 	$(PY) -m pytest -q tests

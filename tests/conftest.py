@@ -9,6 +9,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common as C  # noqa: E402
 
 # tiny settings for 01: a 1-epoch teacher and a 20-step DiT are enough to test the contracts
 TINY_01 = ["--model", "convnet-1-bn", "--epochs", "1", "--dit-steps", "20", "--dit-width", "64", "--dit-depth", "1",
@@ -46,6 +47,31 @@ def make_image_tree(root: Path, classes, n_train, n_val, size=16, mode="RGB", se
                 a = np.clip(rng.normal(40 + 60 * i, 20, shape), 0, 255).astype(np.uint8)
                 Image.fromarray(a, mode).save(d / f"{k:03d}.png")
     return root
+
+
+def write_set(folder: Path, split: C.Split, info: C.DatasetInfo, method: str, stage_ipcs: list, seed=0,
+              repeat_first=False):
+    """A 02-layout folder of real images: stage_XX/<class>/<index:06d>.png + manifest.json, config.json.
+
+    Images are drawn class-balanced without replacement; repeat_first=True copies stage 1 into every stage.
+    """
+    folder = Path(folder)
+    g = torch.Generator().manual_seed(seed)
+    perms = [(split.y == c).nonzero().squeeze(1)[torch.randperm(int((split.y == c).sum()), generator=g)]
+             for c in range(info.num_classes)]
+    start, index = 0, 0
+    for k, ipc in enumerate(stage_ipcs):
+        d = folder / f"stage_{k + 1:02d}"
+        lo = 0 if repeat_first else start
+        for c, p in enumerate(perms):
+            for i in p[lo:lo + ipc].tolist():
+                C.save_png(C.to_float(split.x[i]), d / info.classes[c] / f"{index:06d}.png")
+                index += 1
+        start += ipc
+        C.write_json(d / "manifest.json", {"stage": k + 1, "ipc": ipc})
+    C.write_json(folder / "config.json", {"args": {"method": method, "ipc": sum(stage_ipcs),
+                                                   "stages": len(stage_ipcs), "seed": seed}})
+    return folder
 
 
 @pytest.fixture(scope="session")

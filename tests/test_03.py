@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import common as C
-from bench_eval import write_set
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_script, write_set
 
 spec = importlib.util.spec_from_file_location("evaluate03", ROOT / "03_evaluate.py")
 E = importlib.util.module_from_spec(spec)
