@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 RUN     ?= runs/mnist5k
 ARGS    ?=
 
-.PHONY: setup demo teacher test clean
+.PHONY: setup demo teacher test clean bench-delt
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 .venv/done: requirements.txt
@@ -19,6 +19,11 @@ teacher: setup
 
 # the main job: every script in order on the embedded MNIST digits (02 and 03 join as they land)
 demo: teacher
+	$(PY) 02_distill_stages.py --method delt --run $(RUN)
+
+# DELT EarlyLate vs the constant schedule at IPC 50 (~15 min on 2 cores; reads $(RUN), writes /tmp/bench_delt)
+bench-delt: setup
+	nice -n 10 $(PY) benchmarks/bench_delt.py --run $(RUN) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests
