@@ -74,7 +74,7 @@ DEFAULTS = {
         "iterations": (4000, 160),  # MI, total iterations (DELT paper)
         "round_iterations": (500, 20),  # RI, one join round (DELT paper); small keeps R = MI/RI = 8
         "opt_batch": (100, 100),  # images per optimisation batch, whole classes (DELT code)
-        "lr": (0.25, 0.25),  # Adam on pixels (DELT code)
+        "lr": (0.25, 0.25),  # Adam on the normalised pixels (DELT code)
         "r_bn": (0.01, 0.01),  # alpha_BN (DELT code)
         "first_bn_weight": (10.0, 10.0),  # w_1 (DELT/SRe2L code)
     },
@@ -127,7 +127,7 @@ def parse_args(argv=None):
                         "the highest, the lowest, or Gaussian noise (SRe2L)")
     g.add_argument("--opt-batch", type=C.positive_int, default=None,
                    help="images per optimisation batch; a batch holds whole classes (max(1, B // IPC) of them)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate on pixels (paper 0.25)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate on the normalised pixels (paper 0.25)")
     g.add_argument("--r-bn", type=float, default=None, help="alpha_BN, weight of the BN statistics loss (paper 0.01)")
     g.add_argument("--first-bn-weight", type=float, default=None, help="w_1 of the first BN layer (paper 10)")
     g.add_argument("--per-sample-aug", action="store_true", default=None,
