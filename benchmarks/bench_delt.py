@@ -1,7 +1,9 @@
 """DELT benchmark on the embedded default: EarlyLate against the constant schedule at IPC 50, in one run.
 
 Measures (METHODS.md §5-6, DELT Fig. 1-2):
-  1. wall time of the pixel optimisation, EarlyLate vs constant (the paper: -39.3 % on ImageNet-1K IPC 50);
+  1. wall time of the pixel optimisation, EarlyLate vs constant (the paper: -39.3 % on ImageNet-1K IPC 50):
+     the two full 02 runs one after the other, and the first batch optimised with each schedule in turn
+     (E, C, E, C) in this process, which both see the same machine load;
   2. the mean distance ||x - x_init|| per group (join round): longer-trained groups should move further;
   3. diversity: per class, the mean cosine similarity of each image's teacher penultimate feature to the
      class centroid, averaged over classes (lower = more diverse), for DELT, the constant schedule and the
@@ -17,7 +19,7 @@ torch threads (default 1: with other jobs on the cores, extra threads spin-wait 
 every step, which hides the saving of smaller batches).
 
 Examples:
-  nice -n 10 .venv/bin/python benchmarks/bench_delt.py               # ~15 min on 2 CPU cores
+  nice -n 10 .venv/bin/python benchmarks/bench_delt.py               # ~25 min on 2 CPU cores
   .venv/bin/python benchmarks/bench_delt.py --run runs/imagenette --ipc 50 --threads 8 --work /tmp/bd
 """
 import argparse
@@ -29,12 +31,19 @@ import sys
 import time
 from pathlib import Path
 
+import importlib.util
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("distill02", ROOT / "02_distill_stages.py")
+D = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(D)
 
 
 def load() -> str:
@@ -53,6 +62,30 @@ def distill(run: Path, ipc: int, schedule: str, threads: int, extra: list, log: 
     if p.returncode:
         sys.exit(f"02 failed (exit {p.returncode}); see {log}")
     return time.time() - t0
+
+
+def interleaved_seconds(run: Path, ipc: int, extra: list, early: list, repeats: int) -> dict:
+    """Optimise the first batch with each schedule in turn (E, C, E, C, ...) in this process, so both see
+    the same machine load; seconds per schedule, summed over the repeats."""
+    info = C.read_run_info(run)
+    teacher = C.load_run_teacher(run, info, "cpu")
+    _, real, test = C.load_dataset(info.name, info.root, info.size)
+    envs = {}
+    for schedule in ("earlylate", "constant"):
+        a = D.parse_args(["--run", str(run), "--method", "delt", "--ipc", str(ipc), "--schedule", schedule, *extra,
+                          *(early if schedule == "earlylate" else [])])
+        s = D.resolve_settings(a, "small" if info.name == "mnist5k" else "paper")
+        envs[schedule] = D.Env(a, info, torch.device("cpu"), nullcontext(), teacher, None, real, s, test,
+                               D.stage_counts(a, s), None)
+    classes = D.delt_batches(info.num_classes, ipc, envs["constant"].s["opt_batch"])[0]
+    ranks = D.delt_init_ranks(envs["constant"])
+    out = {"earlylate": 0.0, "constant": 0.0, "classes": classes, "repeats": repeats}
+    for _ in range(repeats):
+        for schedule, env in envs.items():
+            t0 = time.time()
+            D.delt_optimise(env, classes, ranks, seed=0)
+            out[schedule] += time.time() - t0
+    return out
 
 
 def manifests(folder: Path) -> list:
@@ -76,7 +109,10 @@ def main():
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_delt"), help="scratch folder for the copies")
     p.add_argument("--ipc", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each 02 run")
-    p.add_argument("--extra", default="", help="more 02 flags for both runs, e.g. '--iterations 80 --opt-batch 500'")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved timing: E/C pairs on the first batch")
+    p.add_argument("--iterations", type=int, default=None, help="MI for both runs (default: 02's)")
+    p.add_argument("--round-iterations", type=int, default=None, help="RI of the EarlyLate run (default: 02's)")
+    p.add_argument("--extra", default="", help="more 02 flags for both runs, e.g. '--opt-batch 500'")
     args = p.parse_args()
     print(f"load average at start (1/5/15 min): {load()}; {os.cpu_count()} CPUs", flush=True)
 
@@ -85,10 +121,12 @@ def main():
         run.mkdir(parents=True, exist_ok=True)
         shutil.copy(args.run / "dataset.json", run)
         shutil.copytree(args.run / "teacher", run / "teacher", dirs_exist_ok=True)
-    extra = args.extra.split()
+    extra = args.extra.split() + ([] if args.iterations is None else ["--iterations", str(args.iterations)])
+    early = [] if args.round_iterations is None else ["--round-iterations", str(args.round_iterations)]
     res = {"ipc": args.ipc, "threads": args.threads, "extra": extra, "load_start": os.getloadavg()}
     for schedule in ("earlylate", "constant"):
-        res[f"{schedule}_wall_s"] = distill(run, args.ipc, schedule, args.threads, extra,
+        res[f"{schedule}_wall_s"] = distill(run, args.ipc, schedule, args.threads,
+                                            extra + (early if schedule == "earlylate" else []),
                                             args.work / f"{schedule}.log")
 
     info = C.read_run_info(run)
@@ -122,6 +160,10 @@ def main():
     # one row per class, columns in rank (= join) order
     rows = [s.x[s.y == c] for c in range(info.num_classes) for s in stages["delt"]]
     C.save_grid(C.to_float(torch.cat(rows)), args.ipc, args.work / "delt_grid.png")
+    print(f"interleaved timing ({args.repeats} x EarlyLate/constant on batch 1, load {load()})", flush=True)
+    torch.set_num_threads(args.threads)
+    res["interleaved"] = interleaved_seconds(run, args.ipc, extra, early, args.repeats)
+    res["saving_interleaved"] = 1 - res["interleaved"]["earlylate"] / res["interleaved"]["constant"]
     res["load_end"] = os.getloadavg()
     C.write_json(args.work / "bench_delt.json", res)
 
@@ -132,6 +174,9 @@ def main():
           f"(image-iterations {100 * res['image_iterations_ratio']:.1f} % of constant; paper: -39.3 %)")
     print(f"process wall time: {res['earlylate_wall_s']:.0f} s vs {res['constant_wall_s']:.0f} s -> "
           f"saving {100 * res['saving_wall']:.1f} %")
+    iv = res["interleaved"]
+    print(f"interleaved, batch 1 x {iv['repeats']}: {iv['earlylate']:.0f} s vs {iv['constant']:.0f} s -> "
+          f"saving {100 * res['saving_interleaved']:.1f} %")
     print("group (stage): join, iterations, mean ||x - x_init||, mean teacher p(y)")
     for g in res["groups"]:
         print(f"  {g['stage']}: {g['join']:5d} {g['iterations']:5d}  {g['dist_to_init']:.3f}  {g['p_final']:.4f}")
