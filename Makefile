@@ -4,7 +4,7 @@ RUN     ?= runs/mnist5k
 ARGS    ?=
 EVAL_ARGS ?=
 
-.PHONY: setup demo teacher distill evaluate bench bench-eval test clean
+.PHONY: setup demo teacher distill evaluate bench bench-eval bench-delt test clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 .venv/done: requirements.txt
@@ -19,7 +19,7 @@ teacher: setup
 	$(PY) 01_train_teacher.py --run $(RUN) $(ARGS)
 
 # 02: one distilled set per method (IPC 50 as 5 stages of 10); finished stages are skipped on rerun
-METHODS ?= random dit lgd acs
+METHODS ?= random dit lgd acs delt
 distill: teacher
 	for m in $(METHODS); do $(PY) 02_distill_stages.py --run $(RUN) --method $$m || exit 1; done
 
@@ -37,6 +37,10 @@ bench: setup
 # wall time of one method at IPC 50, 3 convnet-3 seeds, hard labels (copies $(RUN)'s teacher to a temp folder)
 bench-eval: setup
 	$(PY) benchmarks/bench_03.py --run $(RUN)
+
+# DELT EarlyLate vs the constant schedule at IPC 50 (~15 min on 2 cores; reads $(RUN), writes /tmp/bench_delt)
+bench-delt: setup
+	$(PY) benchmarks/bench_delt.py --run $(RUN)
 
 test: setup
 	$(PY) -m pytest -q tests
