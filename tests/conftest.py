@@ -26,6 +26,20 @@ def run_script(script, *args, check=True):
     return p
 
 
+def kill_when(script, args, path, timeout=300):
+    """Start a numbered script, SIGKILL it as soon as `path` appears: an interruption mid-run."""
+    import time
+    p = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    t0 = time.time()
+    while not path.exists():
+        assert p.poll() is None, f"{script} ended before writing {path.name}"
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+
+
 def assert_user_error(p, *fragments):
     """A bad input ends with exit code 2 and one `error:` line naming the fix, no traceback."""
     assert p.returncode == 2, f"exit {p.returncode}\n{p.stderr[-2000:]}"

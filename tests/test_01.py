@@ -4,7 +4,7 @@ import json
 import torch
 
 import common as C
-from conftest import TINY_01, assert_user_error, make_image_tree, run_script
+from conftest import TINY_01, assert_user_error, kill_when, make_image_tree, run_script
 from test_dit import save_tiny_latent_pipeline
 
 
@@ -37,23 +37,6 @@ def test_rerun_skips_finished_work_and_rejects_other_settings(tiny_run):
                       "other settings", "--overwrite")
 
 
-def kill_when(args, path, timeout=300):
-    """Start 01, SIGKILL it as soon as `path` (a checkpoint) appears: an interruption mid-run."""
-    import subprocess
-    import sys
-    import time
-    from conftest import ROOT
-    p = subprocess.Popen([sys.executable, str(ROOT / "01_train_teacher.py"), *map(str, args)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    t0 = time.time()
-    while not path.exists():
-        assert p.poll() is None, "01 ended before writing its checkpoint"
-        assert time.time() - t0 < timeout
-        time.sleep(0.02)
-    p.kill()
-    p.wait()
-
-
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     """Killing 01 mid-teacher and mid-DiT, then rerunning, gives the weights of an uninterrupted run."""
     from safetensors.torch import load_file
@@ -61,9 +44,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
             "--dit-depth", "1", "--dit-ckpt-every", "10", "--samples-per-class", "1", "--sample-steps", "2"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     run_script("01_train_teacher.py", "--run", ref, *args)
-    kill_when(["--run", run, *args], run / "teacher" / "train_state.pt")
+    kill_when("01_train_teacher.py", ["--run", run, *args], run / "teacher" / "train_state.pt")
     assert not (run / "teacher" / "metrics.json").exists()
-    kill_when(["--run", run, *args], run / "dit" / "train_state.pt")
+    kill_when("01_train_teacher.py", ["--run", run, *args], run / "dit" / "train_state.pt")
     assert (run / "teacher" / "metrics.json").exists() and not (run / "dit" / "metrics.json").exists()
     p = run_script("01_train_teacher.py", "--run", run, *args)
     assert "teacher: done earlier" in p.stdout and "dit: resuming at step" in p.stdout

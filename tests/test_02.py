@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import common as C
-from conftest import ROOT, assert_user_error, run_script
+from conftest import assert_user_error, kill_when, run_script
 
 # 4 images per class as 2 stages of 2; a 4-step sampler and 2-epoch guide models keep it fast
 TINY_02 = ["--ipc", "4", "--stages", "2", "--sample-steps", "4", "--sample-batch", "30"]
@@ -89,9 +89,6 @@ def test_rerun_skips_and_same_seed_gives_identical_files(run):
 
 def test_killed_mid_stage_then_rerun_equals_uninterrupted(run, tmp_path):
     """Kill lgd during stage 2, leave a half-written stage behind, rerun: same files as one clean run."""
-    import subprocess
-    import sys
-    import time
     ref = run / "distilled" / "lgd-ipc4"
     if not ref.exists():
         distill(run, "lgd")
@@ -99,14 +96,7 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted(run, tmp_path):
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("distilled"))
     out = other / "distilled" / "lgd-ipc4"
     args = ["--run", other, "--method", "lgd", *TINY_02, *GUIDE]
-    p = subprocess.Popen([sys.executable, str(ROOT / "02_distill_stages.py"), *map(str, args)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    t0 = time.time()
-    while not (out / "stage_01" / "manifest.json").exists():
-        assert p.poll() is None and time.time() - t0 < 300
-        time.sleep(0.02)
-    p.kill()
-    p.wait()
+    kill_when("02_distill_stages.py", args, out / "stage_01" / "manifest.json")
     assert not (out / "stage_02" / "manifest.json").exists()
     (out / "stage_02" / "5").mkdir(parents=True, exist_ok=True)
     (out / "stage_02" / "5" / "000002.png").write_bytes(b"half a png")  # what a kill mid-write leaves

@@ -5,9 +5,6 @@ import importlib.util
 import json
 import math
 import shutil
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import common as C
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, kill_when, run_script
 
 spec = importlib.util.spec_from_file_location("distill02", ROOT / "02_distill_stages.py")
 D = importlib.util.module_from_spec(spec)
@@ -244,26 +241,13 @@ def test_stage_layout_indices_and_manifests(run):
     assert [len(s.y) for s in stages] == [20, 10, 10, 10]
 
 
-def kill_when(args, path, timeout=300):
-    """Start 02, SIGKILL it as soon as `path` appears: an interruption mid-optimisation."""
-    p = subprocess.Popen([sys.executable, str(ROOT / "02_distill_stages.py"), *map(str, args)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    t0 = time.time()
-    while not path.exists():
-        assert p.poll() is None, "02 ended before writing the file"
-        assert time.time() - t0 < timeout
-        time.sleep(0.02)
-    p.kill()
-    p.wait()
-
-
 def test_rerun_after_a_kill_gives_the_same_pngs(run, tmp_path):
     # one class per batch (10 batches) and enough iterations that the kill lands mid-run
     args = ["--method", "delt", "--ipc", "4", "--iterations", "40", "--round-iterations", "10", "--opt-batch", "4"]
     ref, killed = fresh(run, tmp_path, "ref"), fresh(run, tmp_path, "killed")
     run_script("02_distill_stages.py", "--run", ref, *args)
     out = killed / "distilled" / "delt-ipc4"
-    kill_when(["--run", killed, *args], out / "delt_state" / "batch_0001.pt")
+    kill_when("02_distill_stages.py", ["--run", killed, *args], out / "delt_state" / "batch_0001.pt")
     assert not list(out.glob("stage_*/manifest.json"))
     p = run_script("02_distill_stages.py", "--run", killed, *args)
     assert "delt: resuming" in p.stdout and "of 10 batches done earlier" in p.stdout
