@@ -101,7 +101,7 @@ def test_lrs_hand_computed():
 
 def test_epoch_rules():
     assert [E.epochs_for(i, "paper") for i in (1, 10, 11, 50, 100, 500)] == [2000, 2000, 1500, 1500, 1000, 1000]
-    assert [E.epochs_for(i, "small") for i in (10, 50, 200)] == [80, 60, 40]
+    assert [E.epochs_for(i, "small") for i in (10, 50, 200)] == [80, 40, 30]
     assert E.epochs_for(50, "7") == 7
 
 
@@ -136,6 +136,7 @@ def test_end_to_end_writes_all_outputs(run, data):
     assert res["ddranking"]["delt-ipc4"]["own_protocol"] == "soft" and "lrs" in res["ddranking"]["dit-ipc4"]
     assert len(res["redundancy"]["lgd-ipc4"]["matrix"]) == 2 and "reduction_vs_ref" in res["redundancy"]["lgd-ipc4"]
     assert [p["ipc"] for p in res["stages"]["lgd-ipc4"]["points"]] == [2, 4]
+    assert "delt-ipc4" not in res["stages"] and "delt-ipc4" not in res["redundancy"]  # join rounds, no increments
     assert len(res["diversity"]["dit-ipc4"]["per_class"]) == 10
     md = (out / "results.md").read_text()
     assert "full data" in md and "random (IPC 4)" in md and "| dit-ipc4 |" in md
