@@ -3,7 +3,8 @@
 Reads:  <run>/ made by 01_train_teacher.py: dataset.json, teacher/teacher.pt (the reference model
         f_ref, trained on the full data) and dit/ (the DiT prior; not read by random and delt). No
         dataset flag is repeated here.
-Writes: <run>/distilled/<method>-ipc<N>/   (delt: delt[-constant][-init-<x>]-ipc<N>, see delt_name)
+Writes: <run>/distilled/<method>-ipc<N>/   (delt: delt[-constant][-init-<x>]-ipc<N>, see delt_name), or the
+        folder given by --out (ablations, e.g. the notebooks' <run>/ablations/lgd-omega0-ipc10)
           config.json                 arguments, resolved settings beside the paper's, versions (first)
           stage_01/ .. stage_K/       increment k: IPC/K images per class (delt: join round k's group)
             <class>/<index:06d>.png   indices run on across stages, so the union of stages is an ImageFolder
@@ -94,6 +95,8 @@ def parse_args(argv=None):
     C.add_common_args(p, run_help="run folder of 01 (reads dataset.json, teacher/, dit/; writes distilled/)")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--ipc", type=C.positive_int, default=50, help="images per class in the finished set")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default <run>/distilled/<method>-ipc<N>); "
+                   "ablations go elsewhere so that `03 --run` keeps evaluating the main sets")
     p.add_argument("--stages", type=C.positive_int, default=None,
                    help=f"increments K (default {STAGES}; LGD: +10 IPC each; ACS curricula); delt: one stage per "
                         f"join round, min(MI/RI, IPC), so give it only to confirm that number")
@@ -670,7 +673,7 @@ def main():
             raise C.UserError(f"--ipc {args.ipc} needs {args.ipc} real training images per class but class(es) "
                               f"{short[:5]} have fewer; lower --ipc")
     name = delt_name(args, settings) if args.method == "delt" else f"{args.method}-ipc{args.ipc}"
-    out = args.run / "distilled" / name
+    out = args.out or args.run / "distilled" / name
     env = Env(args, info, device, ctx, teacher, prior, real.to(device), settings, test.to(device), counts, out)
     if args.init_folder is not None:
         read_init_folder(env)

@@ -87,6 +87,18 @@ def test_rerun_skips_and_same_seed_gives_identical_files(run):
     assert files(out)["stage_01/0/000000.png"] != before["stage_01/0/000000.png"]
 
 
+def test_out_writes_an_ablation_elsewhere(run, tmp_path):
+    main = run / "distilled" / "dit-ipc4"
+    if not main.exists():
+        distill(run, "dit")
+    before = sorted(p.name for p in (run / "distilled").iterdir())
+    distill(run, "dit", "--out", tmp_path / "abl" / "dit-cfg1-ipc4", "--cfg", "1")
+    abl = files(tmp_path / "abl" / "dit-cfg1-ipc4")
+    assert len([k for k in abl if k.endswith(".png")]) == 40
+    assert sorted(p.name for p in (run / "distilled").iterdir()) == before  # the main sets are left alone
+    assert abl["stage_01/0/000000.png"] != files(main)["stage_01/0/000000.png"]  # cfg 1 vs 4, same noise
+
+
 def test_killed_mid_stage_then_rerun_equals_uninterrupted(run, tmp_path):
     """Kill lgd during stage 2, leave a half-written stage behind, rerun: same files as one clean run."""
     ref = run / "distilled" / "lgd-ipc4"
