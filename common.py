@@ -888,8 +888,11 @@ class Protocol:
 
 
 def train_student(model: Classifier, train: Split, info: DatasetInfo, proto: Protocol, *, epochs: int, seed: int,
-                  teacher: Classifier | None = None, ctx=nullcontext(), desc="student", progress=True):
+                  teacher: Classifier | None = None, ctx=nullcontext(), desc="student", progress=True,
+                  on_epoch=None):
     """Train `model` from its current weights on a device-resident split under `proto`; returns it.
+
+    `on_epoch(epoch, mean_loss)`, if given, runs after every epoch (the notebooks record learning dynamics).
 
     All randomness (batch order, crops, flips, CutMix) comes from one generator seeded with `seed`,
     so a seed gives the same student on rerun (on CPU; CUDA kernels may differ in the last bits).
@@ -905,8 +908,9 @@ def train_student(model: Classifier, train: Split, info: DatasetInfo, proto: Pro
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, epochs * 2 // 3), max(1, epochs * 5 // 6)], 0.2) \
         if proto.name == "hard" else torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     n = len(train.y)
-    for _ in tqdm(range(epochs), desc=desc, leave=False, disable=not progress):
+    for epoch in tqdm(range(epochs), desc=desc, leave=False, disable=not progress):
         model.train()
+        total = 0.0
         perm = torch.randperm(n, device=dev, generator=gen)
         for i in range(0, n, proto.batch_size):
             idx = perm[i:i + proto.batch_size]
@@ -929,7 +933,10 @@ def train_student(model: Classifier, train: Split, info: DatasetInfo, proto: Pro
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            total = total + loss.detach().float() * len(idx)  # no per-step host sync on CUDA
         sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch, float(total) / n)
     return model.eval()
 
 
