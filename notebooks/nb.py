@@ -1,0 +1,146 @@
+"""What every notebook shares: the settings of its scale, the run it reads, and a few small helpers.
+
+Two scales, chosen by the environment variable DD_NB_SCALE:
+  small (default)  the embedded-default run of `make demo` (runs/mnist5k, IPC 10 and 50 sets, 03's
+                   results); ablations a notebook needs beyond it are made once under <run>/ablations/.
+  ci               a tiny run built here on first use (runs/nb-ci: 1-epoch teacher, a 200-step DiT, IPC 5
+                   sets from 10-step sampling); `make test` executes every notebook at this scale with
+                   nbval, so each figure is computed from scratch, only smaller (IPC 5 as 5 stages of 1).
+DD_RUN overrides the run folder of either scale. Nothing here is specific to one notebook.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import common as C  # noqa: E402
+import torch  # noqa: E402
+
+SCALE = os.environ.get("DD_NB_SCALE", "small")
+if SCALE not in ("small", "ci"):
+    raise ValueError(f"DD_NB_SCALE must be 'small' or 'ci', got {SCALE!r}")
+
+# every number a notebook uses that depends on the scale; a notebook prints S in its first cell
+SETTINGS = {
+    "small": {"run": ROOT / "runs/mnist5k", "ipc": 50, "ipc_low": 10, "stages": 5, "epochs": 40,
+              "epochs_low": 80, "seeds": 3, "ablation_ipc": 10, "acs_scales": [0, 15, 30], "toy_steps": 200,
+              "eval_args": ["--soft-methods", "none"]},  # = `make evaluate`
+    "ci": {"run": ROOT / "runs/nb-ci", "ipc": 5, "ipc_low": 5, "stages": 5, "epochs": 8, "epochs_low": 8,
+           "seeds": 2, "ablation_ipc": 5, "acs_scales": [0, 15], "toy_steps": 60,
+           "eval_args": ["--epochs", "8", "--full-epochs", "1", "--seeds", "2", "--soft-methods", "none"]},
+}
+S = dict(SETTINGS[SCALE], scale=SCALE)
+if os.environ.get("DD_RUN"):
+    S["run"] = Path(os.environ["DD_RUN"])
+RUN = S["run"]
+
+# tiny settings for the ci scale: 01 (teacher with BatchNorm for DELT, a small DiT) and 02 per method
+CI_01 = ["--model", "convnet-3-bn", "--epochs", "1", "--dit-steps", "200", "--dit-width", "64", "--dit-depth", "2",
+         "--dit-ckpt-every", "100", "--samples-per-class", "2", "--sample-steps", "10"]
+CI_02 = {"random": [], "dit": ["--sample-steps", "10"],
+         "lgd": ["--sample-steps", "10", "--guide-epochs", "10"],
+         "acs": ["--sample-steps", "10", "--guide-epochs", "10"],
+         "delt": ["--iterations", "40", "--round-iterations", "10"]}
+
+
+def script(name: str, *args) -> str:
+    """Run one of the numbered scripts as a user would; its stdout, or an error with its last lines."""
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True)
+    if p.returncode:
+        raise RuntimeError(f"{name} {' '.join(map(str, args))} failed:\n{p.stderr[-1500:]}")
+    print(f"{name} {' '.join(map(str, args[2:] if args[:1] == ('--run',) else args))} ({time.time() - t0:.0f} s)")
+    return p.stdout
+
+
+def _finished(folder: Path) -> bool:
+    """A 02 folder is finished when every stage it announces has its manifest."""
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        return False
+    k = len(C.read_json(cfg)["derived"]["images_per_stage"])
+    return all((folder / f"stage_{i + 1:02d}" / "manifest.json").exists() for i in range(k))
+
+
+def distilled(method: str, ipc: int | None = None, name: str | None = None) -> Path:
+    """The folder of a main set of `make demo` (made here at the ci scale)."""
+    ipc = ipc or S["ipc"]
+    folder = RUN / "distilled" / (name or f"{method}-ipc{ipc}")
+    if SCALE == "ci":
+        ensure_run()
+        if not _finished(folder):
+            script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, *CI_02[method])
+    elif not _finished(folder):
+        raise FileNotFoundError(f"{folder} is missing or unfinished: run `make demo` first (or set DD_RUN)")
+    return folder
+
+
+def ablation(name: str, method: str, ipc: int, *flags) -> Path:
+    """A variant of a method (e.g. omega = 0) in <run>/ablations/<name>; made on first use, then reused."""
+    folder = RUN / "ablations" / name
+    if not _finished(folder):
+        ensure_run()
+        extra = list(CI_02[method]) if SCALE == "ci" else []
+        if "constant" in flags and "--round-iterations" in extra:  # no join rounds on the constant schedule
+            i = extra.index("--round-iterations")
+            del extra[i:i + 2]
+        script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, "--out", folder, *extra,
+               *flags)
+    return folder
+
+
+def ensure_run():
+    """The run of 01: built here at the ci scale, required (from `make demo`) at the small scale."""
+    if (RUN / "teacher" / "metrics.json").exists() and (RUN / "dit" / "metrics.json").exists():
+        return
+    if SCALE != "ci":
+        raise FileNotFoundError(f"{RUN} has no finished 01 outputs: run `make demo` first (or set DD_RUN)")
+    script("01_train_teacher.py", "--run", RUN, *CI_01)
+
+
+def evaluation() -> dict:
+    """results.json of 03 over the run's main sets (`make demo`'s <run>/eval/default); at the ci scale
+    the sets and the evaluation are made here first, with tiny students."""
+    out = RUN / "eval" / "default" / "results.json"
+    if SCALE == "ci" and not out.exists():
+        for ipc in sorted({S["ipc_low"], S["ipc"]}):
+            for m in ("random", "dit", "lgd", "acs", "delt"):
+                distilled(m, ipc)
+        script("03_evaluate.py", "--run", RUN, *S["eval_args"])
+    if not out.exists():
+        raise FileNotFoundError(f"{out} is missing: run `make demo` first (or set DD_RUN)")
+    return json.loads(out.read_text())
+
+
+def data(device="cpu"):
+    """DatasetInfo, train and test splits of the run's dataset, and its teacher (eval mode)."""
+    ensure_run()
+    info = C.read_run_info(RUN)
+    _, train, test = C.load_dataset(info.name, Path(info.root) if info.root else None, info.size)
+    return info, train, test, C.load_run_teacher(RUN, info, device)
+
+
+def stages(folder: Path, info) -> list:
+    """The increments of a 02 folder as Splits, in stage order."""
+    return C.read_stages(folder, info)
+
+
+def manifests(folder: Path) -> list:
+    """Every stage's manifest.json of a 02 folder (per-image scores, f_cur / D_k statistics)."""
+    return [C.read_json(d / "manifest.json") for d in C.stage_dirs(folder)]
+
+
+def grid(ax, x, nrow: int, title: str = ""):
+    """Show uint8 or float images (N, C, H, W) as one grid on a matplotlib axis."""
+    import torchvision
+    g = torchvision.utils.make_grid(C.to_float(x) if x.dtype == torch.uint8 else x, nrow=nrow, padding=1,
+                                    pad_value=1.0)
+    ax.imshow(g.permute(1, 2, 0).cpu().numpy(), cmap="gray" if x.shape[1] == 1 else None)
+    ax.set_axis_off()
+    ax.set_title(title)
