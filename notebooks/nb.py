@@ -28,11 +28,13 @@ if SCALE not in ("small", "ci"):
 # every number a notebook uses that depends on the scale; a notebook prints S in its first cell
 SETTINGS = {
     "small": {"run": ROOT / "runs/mnist5k", "ipc": 50, "ipc_low": 10, "stages": 5, "epochs": 40,
-              "epochs_low": 80, "seeds": 3, "ablation_ipc": 10, "acs_scales": [0, 15, 30], "toy_steps": 200,
-              "eval_args": ["--soft-methods", "none"]},  # = `make evaluate`
+              "epochs_low": 80, "seeds": 3, "ablation_ipc": 10, "acs_scales": [0, 15], "toy_steps": 200,
+              "eval_args": ["--soft-methods", "none", "--analyses", "redundancy,diversity",
+                            "--analysis-methods", "dit,lgd"]},  # = `make evaluate` (Makefile EVAL_ARGS)
     "ci": {"run": ROOT / "runs/nb-ci", "ipc": 5, "ipc_low": 5, "stages": 5, "epochs": 8, "epochs_low": 8,
            "seeds": 2, "ablation_ipc": 5, "acs_scales": [0, 15], "toy_steps": 60,
-           "eval_args": ["--epochs", "8", "--full-epochs", "1", "--seeds", "2", "--soft-methods", "none"]},
+           "eval_args": ["--epochs", "8", "--full-epochs", "1", "--seeds", "2", "--soft-methods", "none",
+                         "--analyses", "redundancy,diversity", "--analysis-methods", "dit,lgd"]},
 }
 S = dict(SETTINGS[SCALE], scale=SCALE)
 if os.environ.get("DD_RUN"):
