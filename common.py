@@ -933,7 +933,8 @@ def train_student(model: Classifier, train: Split, info: DatasetInfo, proto: Pro
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total = total + loss.detach().float() * len(idx)  # no per-step host sync on CUDA
+            if on_epoch is not None:  # only for a caller that records the loss; no per-step host sync on CUDA
+                total = total + loss.detach().float() * len(idx)
         sched.step()
         if on_epoch is not None:
             on_epoch(epoch, float(total) / n)

@@ -35,7 +35,6 @@ import importlib.util
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,17 +91,6 @@ def manifests(folder: Path) -> list:
     return [C.read_json(d / "manifest.json") for d in C.stage_dirs(folder)]
 
 
-@torch.no_grad()
-def centroid_similarity(teacher, x_u8: torch.Tensor, y: torch.Tensor) -> tuple:
-    """Mean over classes of the mean cosine similarity of teacher features to their class centroid."""
-    feats = torch.cat([teacher.features(C.to_float(x_u8[i:i + 500])) for i in range(0, len(x_u8), 500)])
-    per_class = []
-    for c in y.unique().tolist():
-        f = feats[y == c]
-        per_class.append(F.cosine_similarity(f, f.mean(0, keepdim=True)).mean().item())
-    return sum(per_class) / len(per_class), per_class
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, default=Path("runs/mnist5k"), help="run folder of 01 (read only)")
@@ -155,7 +143,8 @@ def main():
     sets["median_real"] = C.Split(real.x[idx], real.y[idx])
     res["diversity"], res["accuracy_teacher"] = {}, {}
     for k, s in sets.items():
-        res["diversity"][k], _ = centroid_similarity(teacher, s.x, s.y)
+        per_class = C.centroid_cosine(C.features(teacher, s.x), s.y, info.num_classes)
+        res["diversity"][k] = sum(per_class) / len(per_class)
         res["accuracy_teacher"][k] = C.accuracy(teacher, s)
     # one row per class, columns in rank (= join) order
     rows = [s.x[s.y == c] for c in range(info.num_classes) for s in stages["delt"]]
