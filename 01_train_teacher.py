@@ -28,44 +28,44 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import common as C
-import guidance as G
+import common
+import dit
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    C.add_common_args(p, run_help="run folder to write (teacher/, dit/, dataset.json)")
-    p.add_argument("--dataset", default="mnist5k", help=f"one of {', '.join(C.DATASETS)}")
+    common.add_common_args(p, run_help="run folder to write (teacher/, dit/, dataset.json)")
+    p.add_argument("--dataset", default="mnist5k", help=f"one of {', '.join(common.DATASETS)}")
     p.add_argument("--data-root", type=Path, default=None, help="dataset folder (ImageNette/Woof, CIFAR)")
     p.add_argument("--size", type=int, default=None, help="image size for folder datasets (default: 128 for "
                    "ImageNette/Woof, else the first image's)")
     g = p.add_argument_group("teacher")
-    g.add_argument("--model", default="convnet-3-bn", help=f"teacher architecture: {', '.join(C.MODELS)}")
-    g.add_argument("--epochs", type=C.positive_int, default=15)
+    g.add_argument("--model", default="convnet-3-bn", help=f"teacher architecture: {', '.join(common.MODELS)}")
+    g.add_argument("--epochs", type=common.positive_int, default=15)
     g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--batch-size", type=C.positive_int, default=64)
+    g.add_argument("--batch-size", type=common.positive_int, default=64)
     g.add_argument("--keep-epochs", default="", help="comma list of epochs whose checkpoints to keep (IGD)")
     g.add_argument("--teacher", type=Path, default=None, help="use this teacher.pt instead of training one")
     g = p.add_argument_group("DiT prior")
     g.add_argument("--dit", default=None, help="pretrained diffusers DiT pipeline (hub name or folder); "
                    "default: train a small pixel-space DiT")
-    g.add_argument("--dit-steps", type=C.positive_int, default=3000)
-    g.add_argument("--dit-batch", type=C.positive_int, default=128)
+    g.add_argument("--dit-steps", type=common.positive_int, default=3000)
+    g.add_argument("--dit-batch", type=common.positive_int, default=128)
     g.add_argument("--dit-lr", type=float, default=3e-4)
-    g.add_argument("--dit-warmup", type=C.positive_int, default=200, help="linear LR warm-up steps")
-    g.add_argument("--dit-width", type=C.positive_int, default=128)
-    g.add_argument("--dit-depth", type=C.positive_int, default=4)
-    g.add_argument("--dit-patch", type=C.positive_int, default=4)
+    g.add_argument("--dit-warmup", type=common.positive_int, default=200, help="linear LR warm-up steps")
+    g.add_argument("--dit-width", type=common.positive_int, default=128)
+    g.add_argument("--dit-depth", type=common.positive_int, default=4)
+    g.add_argument("--dit-patch", type=common.positive_int, default=4)
     g.add_argument("--dit-min-snr", type=float, default=0.0, help="min-SNR-gamma loss weight (0 = off)")
-    g.add_argument("--dit-ckpt-every", type=C.positive_int, default=250, help="steps between resumable checkpoints")
-    g.add_argument("--dit-eval-every", type=C.nonneg_int, default=0,
+    g.add_argument("--dit-ckpt-every", type=common.positive_int, default=250, help="steps between resumable checkpoints")
+    g.add_argument("--dit-eval-every", type=common.nonneg_int, default=0,
                    help="steps between sample-accuracy probes (20 per class) logged in metrics.json; 0 = off")
     g = p.add_argument_group("sampling (for the sample accuracy)")
-    g.add_argument("--sample-steps", type=C.positive_int, default=50, help="DDPM ancestral steps (papers: 50)")
+    g.add_argument("--sample-steps", type=common.positive_int, default=50, help="DDPM ancestral steps (papers: 50)")
     g.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (papers: 4.0)")
-    g.add_argument("--samples-per-class", type=C.positive_int, default=100)
-    g.add_argument("--sample-batch", type=C.positive_int, default=250)
+    g.add_argument("--samples-per-class", type=common.positive_int, default=100)
+    g.add_argument("--sample-batch", type=common.positive_int, default=250)
     return p.parse_args(argv)
 
 
@@ -73,10 +73,10 @@ def parse_epochs(s: str, epochs: int) -> list:
     try:
         keep = sorted({int(e) for e in s.split(",") if e.strip()})
     except ValueError:
-        raise C.UserError(f"--keep-epochs must be a comma list of integers, got {s!r}") from None
+        raise common.UserError(f"--keep-epochs must be a comma list of integers, got {s!r}") from None
     bad = [e for e in keep if not 1 <= e <= epochs]
     if bad:
-        raise C.UserError(f"--keep-epochs {bad} lie outside 1..{epochs} (--epochs)")
+        raise common.UserError(f"--keep-epochs {bad} lie outside 1..{epochs} (--epochs)")
     return keep
 
 
@@ -91,28 +91,34 @@ def train_teacher(args, info, train, test, device, ctx):
     keep = parse_epochs(args.keep_epochs, args.epochs)
     targs = {k: getattr(args, k) for k in ("dataset", "data_root", "size", "model", "epochs", "lr",
                                            "batch_size", "keep_epochs", "teacher", "seed")}
-    C.prepare_folder(folder, targs, args.overwrite, "teacher")
+    common.prepare_folder(folder, targs, args.overwrite, "teacher")
     if (folder / "metrics.json").exists():
-        print(f"teacher: done earlier ({C.read_json(folder / 'metrics.json')['test_acc']:.2f} %), skipping")
-        return C.load_classifier(folder / "teacher.pt", info, device)
-    C.write_config(folder, targs, {"keep_epochs": keep, "train_size": len(train.y)}, device)
+        print(f"teacher: done earlier ({common.read_json(folder / 'metrics.json')['test_acc']:.2f} %), skipping")
+        return common.load_classifier(folder / "teacher.pt", info, device)
+    common.write_config(folder, targs, {"keep_epochs": keep, "train_size": len(train.y)}, device)
     t0 = time.time()
     if args.teacher is not None:
-        model = C.load_classifier(args.teacher, info, device)
+        model = common.load_classifier(args.teacher, info, device)
         model_name = torch.load(args.teacher, map_location="cpu", weights_only=True)["model_name"]
     else:
-        C.seed_everything(args.seed)
+        common.seed_everything(args.seed)
         model_name = args.model
-        model = C.build_model(args.model, info).to(device)
+        model = common.build_model(args.model, info).to(device)
         print(f"teacher: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{len(train.y)} training images, {args.epochs} epochs, batch {args.batch_size}, {device}")
-        C.train_classifier(
-            model, train, info, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, ctx=ctx,
-            state_path=folder / "train_state.pt", keep_epochs=keep, desc="teacher",
-            on_keep=lambda ep, m: C.save_classifier(folder / f"epoch_{ep:03d}.pt", m, model_name, info, epoch=ep))
-    acc = C.accuracy(model, test, ctx)
-    C.save_classifier(folder / "teacher.pt", model, model_name, info, test_acc=acc)
-    C.write_json(folder / "metrics.json", {"test_acc": acc, "epochs": args.epochs, "model": model_name,
+        # the teacher's protocol: the hard-label optimiser with a shift augmentation, no CutMix;
+        # seed None: the global generators, which the resumable state saves every epoch
+        proto = common.Protocol("hard", lr=args.lr, batch_size=args.batch_size, augment="translate")
+
+        def keep_checkpoint(epoch, loss):  # the trajectory checkpoints --keep-epochs asks for
+            if epoch + 1 in keep:
+                common.save_classifier(folder / f"epoch_{epoch + 1:03d}.pt", model, model_name, info,
+                                       epoch=epoch + 1)
+        common.fit(model, train, info, proto, epochs=args.epochs, seed=None, ctx=ctx, desc="teacher",
+                   state_path=folder / "train_state.pt", on_epoch=keep_checkpoint, log=True)
+    acc = common.accuracy(model, test, ctx)
+    common.save_classifier(folder / "teacher.pt", model, model_name, info, test_acc=acc)
+    common.write_json(folder / "metrics.json", {"test_acc": acc, "epochs": args.epochs, "model": model_name,
                                            "wall_s": time.time() - t0, "imported_from": args.teacher})
     (folder / "train_state.pt").unlink(missing_ok=True)
     print(f"teacher: test accuracy {acc:.2f} % ({time.time() - t0:.0f} s)")
@@ -128,9 +134,9 @@ def sample_accuracy(prior, teacher, info, per_class, args, device, ctx, seed, pr
     """Teacher top-1 (%) on `per_class` CFG samples of every class; returns (acc, per-class acc, images)."""
     y = torch.arange(info.num_classes, device=device).repeat_interleave(per_class)
     gen = torch.Generator(device).manual_seed(seed)
-    imgs, _ = G.sample(prior, y, steps=args.sample_steps, cfg=args.cfg, gen=gen,
-                       batch_size=args.sample_batch, ctx=ctx, progress=progress)
-    pred = C.predict(teacher, imgs, ctx=ctx).argmax(1)
+    imgs, _, _ = dit.sample(prior, y, steps=args.sample_steps, cfg=args.cfg, gen=gen,
+                            batch_size=args.sample_batch, ctx=ctx, progress=progress)
+    pred = common.predict(teacher, imgs, ctx=ctx).argmax(1)
     per = [(pred[y == c] == c).float().mean().item() * 100 for c in range(info.num_classes)]
     return (pred == y).float().mean().item() * 100, per, imgs
 
@@ -139,8 +145,8 @@ def train_dit(args, info, train, device, ctx, teacher):
     """Train a small pixel-space DiT: cosine schedule, v-prediction, warm-up, EMA, grad clip 1.0."""
     from diffusers.training_utils import EMAModel
     folder = args.run / "dit"
-    model = C.make_pixel_dit(info, args.dit_width, args.dit_depth, args.dit_patch).to(device).train()
-    noise = C.make_train_scheduler()
+    model = dit.make_pixel_dit(info, args.dit_width, args.dit_depth, args.dit_patch).to(device).train()
+    noise = dit.make_train_scheduler()
     abar = noise.alphas_cumprod.to(device)
     # EMA with warm-up: decay 1-(1+step)^(-2/3) grows to the 0.9999 cap, so early steps are not frozen out
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
@@ -153,7 +159,7 @@ def train_dit(args, info, train, device, ctx, teacher):
         opt.load_state_dict(st["opt"])
         lr_sched.load_state_dict(st["lr_sched"])
         ema.load_state_dict(st["ema"])
-        C.set_rng_state(st["rng"])
+        common.set_rng_state(st["rng"])
         start, curve = st["step"], list(st["curve"])
         print(f"dit: resuming at step {start}")
     ema.to(device)
@@ -164,7 +170,7 @@ def train_dit(args, info, train, device, ctx, teacher):
     bar = tqdm(range(start, args.dit_steps), desc="dit", initial=start, total=args.dit_steps)
     for step in bar:
         idx = torch.randint(0, N, (args.dit_batch,), device=device)
-        x0, y = C.to_float(train.x[idx]) * 2 - 1, train.y[idx]  # (B, C, H, W) in [-1, 1]
+        x0, y = common.to_float(train.x[idx]) * 2 - 1, train.y[idx]  # (B, C, H, W) in [-1, 1]
         eps = torch.randn_like(x0)
         t = torch.randint(0, noise.config.num_train_timesteps, (len(y),), device=device)
         a = abar[t].view(-1, 1, 1, 1)
@@ -195,18 +201,18 @@ def train_dit(args, info, train, device, ctx, teacher):
             curve.append({"step": done, "sample_acc_20pc": acc})
             tqdm.write(f"dit step {done}: sample accuracy (20 per class) {acc:.1f} %")
         if done % args.dit_ckpt_every == 0 and done < args.dit_steps:
-            C.torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "lr_sched": lr_sched.state_dict(),
-                          "ema": ema.state_dict(), "rng": C.rng_state(), "step": done,
+            common.torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "lr_sched": lr_sched.state_dict(),
+                          "ema": ema.state_dict(), "rng": common.rng_state(), "step": done,
                           "curve": curve}, state_path)
     ema.copy_to(model.parameters())
-    return C.Prior(model.eval(), dict(noise.config), info), curve, n_par
+    return dit.Prior(model.eval(), dict(noise.config), info), curve, n_par
 
 
 def probe(model, ema, noise, info, teacher, args, device, ctx):
     """Sample accuracy of the EMA weights at 20 per class, without disturbing training."""
     saved = [p.detach().clone() for p in model.parameters()]
     ema.copy_to(model.parameters())
-    acc, _, _ = sample_accuracy(C.Prior(model.eval(), dict(noise.config), info), teacher, info, 20, args,
+    acc, _, _ = sample_accuracy(dit.Prior(model.eval(), dict(noise.config), info), teacher, info, 20, args,
                                 device, ctx, seed=args.seed + 1, progress=False)
     for p, s in zip(model.parameters(), saved):
         p.data.copy_(s)
@@ -220,21 +226,21 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained):
     dargs = {k: getattr(args, k) for k in vars(args) if k.startswith(("dit", "sample", "cfg"))
              and k != "dit_ckpt_every"}
     dargs.update(dataset=args.dataset, seed=args.seed)
-    C.prepare_folder(folder, dargs, args.overwrite, "DiT")
+    common.prepare_folder(folder, dargs, args.overwrite, "DiT")
     if (folder / "metrics.json").exists():
-        print(f"dit: done earlier (sample accuracy {C.read_json(folder / 'metrics.json')['sample_acc']:.1f} %), "
+        print(f"dit: done earlier (sample accuracy {common.read_json(folder / 'metrics.json')['sample_acc']:.1f} %), "
               f"skipping")
         return
-    C.write_config(folder, dargs, {"pretrained": args.dit is not None}, device)
+    common.write_config(folder, dargs, {"pretrained": args.dit is not None}, device)
     t0 = time.time()
     if args.dit is None:
-        C.seed_everything(args.seed)
+        common.seed_everything(args.seed)
         prior, curve, n_par = train_dit(args, info, train, device, ctx, teacher)
         prior.save(folder)
         train_s = time.time() - t0
     else:
         prior = pretrained
-        C.write_json(folder / "source.json", {"dit": str(args.dit)})
+        common.write_json(folder / "source.json", {"dit": str(args.dit)})
         curve, n_par, train_s = [], sum(p.numel() for p in prior.transformer.parameters()), 0.0
     t1 = time.time()
     acc, per, imgs = sample_accuracy(prior, teacher, info, args.samples_per_class, args, device, ctx,
@@ -242,8 +248,8 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained):
     sample_s = time.time() - t1
     k = min(10, args.samples_per_class)
     grid = imgs.view(info.num_classes, args.samples_per_class, *imgs.shape[1:])[:, :k].flatten(0, 1)
-    C.save_grid(grid, k, folder / "samples.png")
-    C.write_json(folder / "metrics.json", {
+    common.save_grid(grid, k, folder / "samples.png")
+    common.write_json(folder / "metrics.json", {
         "sample_acc": acc, "sample_acc_per_class": per, "samples_per_class": args.samples_per_class,
         "sample_steps": args.sample_steps, "cfg": args.cfg, "parameters": n_par, "train_s": train_s,
         "sample_s": sample_s, "sample_s_per_image": sample_s / len(imgs), "curve": curve})
@@ -254,32 +260,32 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained):
 
 def main():
     args = parse_args()
-    device, ctx = C.setup_device(args.device, args.amp)
+    device, ctx = common.setup_device(args.device, args.amp)
     t0 = time.time()
-    info, train, test = C.load_dataset(args.dataset, args.data_root, args.size)
+    info, train, test = common.load_dataset(args.dataset, args.data_root, args.size)
     # every flag is checked before anything is written, so a typo leaves no half-made folder behind
-    C.check_model(args.model, info)
+    common.check_model(args.model, info)
     parse_epochs(args.keep_epochs, args.epochs)
     if args.teacher is not None:
-        C.load_classifier(args.teacher, info, "cpu")
+        common.load_classifier(args.teacher, info, "cpu")
     if args.dit is None:
-        C.make_pixel_dit(info, args.dit_width, args.dit_depth, args.dit_patch)
+        dit.make_pixel_dit(info, args.dit_width, args.dit_depth, args.dit_patch)
         pretrained = None
     else:
-        pretrained = C.load_prior(args.dit, info, device)
-    noise_cfg = pretrained.scheduler_config if pretrained else C.make_train_scheduler().config
+        pretrained = dit.load_prior(args.dit, info, device)
+    noise_cfg = pretrained.scheduler_config if pretrained else dit.make_train_scheduler().config
     if args.sample_steps > noise_cfg["num_train_timesteps"]:
-        raise C.UserError(f"--sample-steps {args.sample_steps} exceeds the DiT's "
+        raise common.UserError(f"--sample-steps {args.sample_steps} exceeds the DiT's "
                           f"{noise_cfg['num_train_timesteps']} training steps")
     ds_file = args.run / "dataset.json"
     if ds_file.exists() and not args.overwrite:
-        old = C.read_json(ds_file)
-        if old != C.jsonable(info.to_dict()):
+        old = common.read_json(ds_file)
+        if old != common.jsonable(info.to_dict()):
             what = f"dataset {old['name']!r}" if old["name"] != info.name else f"other {info.name} settings"
-            raise C.UserError(f"{args.run} was made for {what} (see its dataset.json); "
+            raise common.UserError(f"{args.run} was made for {what} (see its dataset.json); "
                               f"choose another --run or pass --overwrite")
     args.run.mkdir(parents=True, exist_ok=True)
-    C.write_json(ds_file, info.to_dict())
+    common.write_json(ds_file, info.to_dict())
     print(f"dataset {info.name}: {len(train.y)} train / {len(test.y)} test, {info.num_classes} classes, "
           f"{info.channels}x{info.size}x{info.size}; run folder {args.run}")
     train, test = train.to(device), test.to(device)
@@ -289,4 +295,4 @@ def main():
 
 
 if __name__ == "__main__":
-    C.cli(main)
+    common.cli(main)

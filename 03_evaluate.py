@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import common as C
+import common
 
 PROTOCOLS = ["hard", "soft"]
 ANALYSES = ["stages", "redundancy", "diversity"]
@@ -52,12 +52,12 @@ INCREMENT_METHODS = "dit,lgd,acs,igd"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    C.add_common_args(p, run_help="run folder of 01 (dataset.json, teacher/); results go to <run>/eval/<name>")
+    common.add_common_args(p, run_help="run folder of 01 (dataset.json, teacher/); results go to <run>/eval/<name>")
     p.add_argument("sets", nargs="*", type=Path, help="distilled folders of 02 (default: all of <run>/distilled)")
     p.add_argument("--name", default="default", help="evaluation name: <run>/eval/<name>/")
-    p.add_argument("--students", default="convnet-3", help=f"comma list of student models: {', '.join(C.MODELS)}")
+    p.add_argument("--students", default="convnet-3", help=f"comma list of student models: {', '.join(common.MODELS)}")
     p.add_argument("--protocols", default="hard", help=f"comma list of {', '.join(PROTOCOLS)}")
-    p.add_argument("--seeds", type=C.positive_int, default=3, help="student seeds --seed, --seed+1, ...; "
+    p.add_argument("--seeds", type=common.positive_int, default=3, help="student seeds --seed, --seed+1, ...; "
                    "random draw k goes with student seed k")
     p.add_argument("--epochs", default="auto", help="'paper' (2000/1500/1000 for IPC <=10/<=50/<=200), 'small' "
                    "(80/40/30), 'auto' (small on the embedded mnist5k, else paper) or a number")
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("protocol (METHODS.md 6)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--wd", type=float, default=0.01)
-    g.add_argument("--batch-size", type=C.positive_int, default=64)
+    g.add_argument("--batch-size", type=common.positive_int, default=64)
     g.add_argument("--cutmix-p", type=float, default=1.0, help="probability of CutMix per batch")
     g.add_argument("--cutmix-beta", type=float, default=1.0)
     g.add_argument("--crop-scale", type=float, default=0.5, help="random-resized-crop minimum area fraction")
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     g.add_argument("--analysis-methods", default=INCREMENT_METHODS,
                    help="methods whose largest set gets per-stage accuracy and redundancy ('all' for every "
                    "method; random and delt stages are draws and join rounds, not increments)")
-    g.add_argument("--analysis-seeds", type=C.positive_int, default=1,
+    g.add_argument("--analysis-seeds", type=common.positive_int, default=1,
                    help="student seeds for per-stage accuracy and redundancy (first student and protocol)")
     g.add_argument("--redundancy-ref", default="dit", help="method whose mean off-diagonal redundancy is the "
                    "reference of the relative reduction")
@@ -92,7 +92,7 @@ def comma_list(s: str, allowed: list | None, flag: str) -> list:
     items = [] if s.strip() == "none" else [x.strip() for x in s.split(",") if x.strip()]
     bad = [x for x in items if allowed is not None and x not in allowed]
     if bad:
-        raise C.UserError(f"unknown {flag} value {bad[0]!r}; choose from {', '.join(allowed)}")
+        raise common.UserError(f"unknown {flag} value {bad[0]!r}; choose from {', '.join(allowed)}")
     return items
 
 
@@ -111,21 +111,17 @@ def dd_ranking(full_hard: float, syn_hard: float, syn_own: float, rand_own: floa
     return {"hlr": hlr, "ior": ior, "lrs": (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1))}
 
 
-def split_hash(s: C.Split) -> str:
+def split_hash(s: common.Split) -> str:
     h = hashlib.sha1(s.x.cpu().numpy().tobytes())
     h.update(s.y.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def cat(splits: list) -> C.Split:
-    return C.Split(torch.cat([s.x for s in splits]), torch.cat([s.y for s in splits]))
-
-
-def per_class_ipc(s: C.Split, num_classes: int, where: Path) -> int:
+def per_class_ipc(s: common.Split, num_classes: int, where: Path) -> int:
     """The common number of images per class; unequal counts are an error naming the classes."""
     counts = torch.bincount(s.y, minlength=num_classes).tolist()
     if len(set(counts)) != 1:
-        raise C.UserError(f"{where} holds unequal images per class ({counts}); every class needs the same IPC")
+        raise common.UserError(f"{where} holds unequal images per class ({counts}); every class needs the same IPC")
     return counts[0]
 
 
@@ -134,21 +130,21 @@ def per_class_ipc(s: C.Split, num_classes: int, where: Path) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def read_set(folder: Path, info: C.DatasetInfo) -> dict:
+def read_set(folder: Path, info: common.DatasetInfo) -> dict:
     """One 02 folder: name, method, IPC, own config, and its increments (Splits) in stage order."""
-    stages = C.read_stages(folder, info)
-    ipcs = [per_class_ipc(s, info.num_classes, d) for s, d in zip(stages, C.stage_dirs(folder))]
-    cfg = C.read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    stages = common.read_stages(folder, info)
+    ipcs = [per_class_ipc(s, info.num_classes, d) for s, d in zip(stages, common.stage_dirs(folder))]
+    cfg = common.read_json(folder / "config.json") if (folder / "config.json").exists() else {}
     a = cfg.get("args", cfg)
     method = a.get("method") or folder.name.split("-ipc")[0]
     if a.get("ipc") is not None and a["ipc"] != sum(ipcs):
-        raise C.UserError(f"{folder}/config.json says IPC {a['ipc']} but its stages hold {sum(ipcs)} per class "
+        raise common.UserError(f"{folder}/config.json says IPC {a['ipc']} but its stages hold {sum(ipcs)} per class "
                           f"({'+'.join(map(str, ipcs))}); rerun 02 to finish or repair the folder")
     return {"name": folder.name, "folder": str(folder), "method": method, "ipc": sum(ipcs),
             "stage_ipcs": ipcs, "stages": stages}
 
 
-def random_draws(train: C.Split, ipc: int, n: int, seed: int, cache: Path, refresh: bool) -> list:
+def random_draws(train: common.Split, ipc: int, n: int, seed: int, cache: Path, refresh: bool) -> list:
     """n class-balanced random subsets (index tensors) of `ipc` per class, disjoint across draws.
 
     One permutation per class, seeded by `seed` alone; draw k takes its k-th block of `ipc`, so the
@@ -157,20 +153,16 @@ def random_draws(train: C.Split, ipc: int, n: int, seed: int, cache: Path, refre
     path = cache / f"random_ipc{ipc}_seed{seed}.json"
     th = split_hash(train)
     if path.exists() and not refresh:
-        d = C.read_json(path)
+        d = common.read_json(path)
         if d["train_hash"] == th and len(d["draws"]) >= n:
             return [torch.tensor(x) for x in d["draws"][:n]]
-    g = torch.Generator().manual_seed(seed)
-    y = train.y.cpu()
-    per_class = []
-    for c in range(int(y.max()) + 1):
-        idx = (y == c).nonzero().squeeze(1)
+    per_class = common.class_permutations(train.y, int(train.y.max()) + 1, seed)
+    for c, idx in enumerate(per_class):
         if len(idx) < n * ipc:
-            raise C.UserError(f"class {c} has {len(idx)} training images, too few for {n} disjoint random "
+            raise common.UserError(f"class {c} has {len(idx)} training images, too few for {n} disjoint random "
                               f"draws of IPC {ipc}; lower --seeds")
-        per_class.append(idx[torch.randperm(len(idx), generator=g)])
     draws = [torch.cat([p[k * ipc:(k + 1) * ipc] for p in per_class]) for k in range(n)]
-    C.write_json(path, {"ipc": ipc, "seed": seed, "train_hash": th, "draws": [d.tolist() for d in draws]})
+    common.write_json(path, {"ipc": ipc, "seed": seed, "train_hash": th, "draws": [d.tolist() for d in draws]})
     return draws
 
 
@@ -188,7 +180,7 @@ class Evaluator:
         self.test_hash = split_hash(test)
         self.trained, self.reused, self.done = 0, 0, set()  # done: keys trained by this call (--overwrite)
 
-    def student(self, train: C.Split, student: str, proto: str, epochs: int, seed: int,
+    def student(self, train: common.Split, student: str, proto: str, epochs: int, seed: int,
                 targets: dict | None = None, desc="") -> dict:
         """Final-epoch test accuracy (%) of one student, plus its accuracy on each split in `targets`."""
         targets = targets or {}
@@ -199,16 +191,16 @@ class Evaluator:
         path = self.cache / "students" / f"{key}.json"
         if path.exists() and (not self.args.overwrite or key in self.done):
             self.reused += 1
-            return C.read_json(path)
+            return common.read_json(path)
         t0 = time.time()
-        C.seed_everything(seed)  # weight initialisation
-        model = C.build_model(student, self.info).to(self.device)
-        C.train_student(model, train.to(self.device), self.info, self.protocols[proto], epochs=epochs, seed=seed,
-                        teacher=self.teacher if proto == "soft" else None, ctx=self.ctx, desc=desc)
-        out = {**job, "acc": C.accuracy(model, self.test, self.ctx),
-               "on": {k: C.accuracy(model, v.to(self.device), self.ctx) for k, v in targets.items()},
+        common.seed_everything(seed)  # weight initialisation
+        model = common.build_model(student, self.info).to(self.device)
+        common.fit(model, train.to(self.device), self.info, self.protocols[proto], epochs=epochs, seed=seed,
+                   teacher=self.teacher if proto == "soft" else None, ctx=self.ctx, desc=desc)
+        out = {**job, "acc": common.accuracy(model, self.test, self.ctx),
+               "on": {k: common.accuracy(model, v.to(self.device), self.ctx) for k, v in targets.items()},
                "train_size": len(train.y), "wall_s": time.time() - t0}
-        C.write_json(path, out)
+        common.write_json(path, out)
         self.trained += 1
         self.done.add(key)
         tqdm.write(f"{desc}: {out['acc']:.2f} % ({out['wall_s']:.0f} s)")
@@ -364,38 +356,38 @@ def write_csv(path: Path, rows: list):
 
 def main():
     args = parse_args()
-    device, ctx = C.setup_device(args.device, args.amp)
+    device, ctx = common.setup_device(args.device, args.amp)
     t_start = time.time()
     # every input is checked before anything is written
     if not (args.run / "dataset.json").exists():
-        raise C.UserError(f"{args.run} has no dataset.json; run 01_train_teacher.py --run {args.run} first")
-    info = C.DatasetInfo.from_dict(C.read_json(args.run / "dataset.json"))
+        raise common.UserError(f"{args.run} has no dataset.json; run 01_train_teacher.py --run {args.run} first")
+    info = common.DatasetInfo.from_dict(common.read_json(args.run / "dataset.json"))
     students = comma_list(args.students, None, "--students")
     for s in students:
-        C.check_model(s, info)
+        common.check_model(s, info)
     protocols = comma_list(args.protocols, PROTOCOLS, "--protocols")
     baselines = comma_list(args.baselines, BASELINES, "--baselines")
     analyses = comma_list(args.analyses, ANALYSES, "--analyses")
     if not students or not protocols:
-        raise C.UserError("--students and --protocols each need at least one entry")
+        raise common.UserError("--students and --protocols each need at least one entry")
     rule = {"auto": "small" if info.name == "mnist5k" else "paper"}.get(args.epochs, args.epochs)
     if rule not in ("paper", "small") and not (rule.isdigit() and int(rule) > 0):
-        raise C.UserError(f"--epochs must be paper, small, auto or a positive number, got {args.epochs!r}")
+        raise common.UserError(f"--epochs must be paper, small, auto or a positive number, got {args.epochs!r}")
     tcfg = args.run / "teacher" / "config.json"
     if args.full_epochs == "teacher":
         if not tcfg.exists():
-            raise C.UserError(f"{tcfg} is missing; run 01 first or give --full-epochs a number")
-        full_epochs = C.read_json(tcfg)["args"]["epochs"]
+            raise common.UserError(f"{tcfg} is missing; run 01 first or give --full-epochs a number")
+        full_epochs = common.read_json(tcfg)["args"]["epochs"]
     elif args.full_epochs.isdigit() and int(args.full_epochs) > 0:
         full_epochs = int(args.full_epochs)
     else:
-        raise C.UserError(f"--full-epochs must be 'teacher' or a positive number, got {args.full_epochs!r}")
-    teacher = C.load_classifier(args.run / "teacher" / "teacher.pt", info, device)
+        raise common.UserError(f"--full-epochs must be 'teacher' or a positive number, got {args.full_epochs!r}")
+    teacher = common.load_classifier(args.run / "teacher" / "teacher.pt", info, device)
     folders = args.sets or sorted(d for d in (args.run / "distilled").glob("*") if d.is_dir())
     sets = [read_set(Path(f), info) for f in folders]
     names = [s["name"] for s in sets]
     if len(set(names)) != len(names):
-        raise C.UserError(f"two distilled folders share the name {max(names, key=names.count)!r}; "
+        raise common.UserError(f"two distilled folders share the name {max(names, key=names.count)!r}; "
                           f"evaluate them in separate --name evaluations")
     soft_methods = comma_list(args.soft_methods, None, "--soft-methods")
     for s in sets:
@@ -404,23 +396,23 @@ def main():
         print(f"no distilled sets under {args.run}/distilled yet: evaluating the baselines only")
     ipcs = sorted({s["ipc"] for s in sets}) if sets else \
         sorted({int(x) for x in comma_list(args.baseline_ipcs, None, "--baseline-ipcs")})
-    _, train, test = C.load_dataset(info.name, Path(info.root) if info.root else None, info.size)
+    _, train, test = common.load_dataset(info.name, Path(info.root) if info.root else None, info.size)
     seeds = [args.seed + k for k in range(args.seeds)]
     ana_seeds = [args.seed + k for k in range(args.analysis_seeds)]  # the first of them reuse the main results
     proto_kw = dict(lr=args.lr, wd=args.wd, batch_size=args.batch_size, cutmix_beta=args.cutmix_beta,
                     cutmix_p=args.cutmix_p, crop_scale=args.crop_scale, tau=args.tau)
-    protos = {p: C.Protocol(p, **proto_kw) for p in PROTOCOLS}
+    protos = {p: common.Protocol(p, **proto_kw) for p in PROTOCOLS}
     used = protocols + sorted({s["own"] for s in sets} - set(protocols))
 
     out = args.run / "eval" / args.name
     cargs = {k: v for k, v in vars(args).items() if k not in ("overwrite", "device", "amp")}
     cargs["sets"] = [str(f) for f in folders]
-    C.prepare_folder(out, cargs, args.overwrite, "evaluation")
+    common.prepare_folder(out, cargs, args.overwrite, "evaluation")
     derived = {"epoch_rule": rule, "epochs_by_ipc": {i: epochs_for(i, rule) for i in ipcs},
                "paper_rule": PAPER_EPOCHS, "small_rule": SMALL_EPOCHS, "full_epochs": full_epochs,
                "seeds": seeds, "analysis_seeds": ana_seeds, "protocols": {p: asdict(protos[p]) for p in used},
                "own_protocol": {s["name"]: s["own"] for s in sets}, "ipcs": ipcs}
-    C.write_config(out, cargs, derived, device)
+    common.write_config(out, cargs, derived, device)
     print(f"03: {len(sets)} set(s) {names}, students {students}, protocols {used}, seeds {seeds}, epoch rule "
           f"{rule} ({derived['epochs_by_ipc']}), full data {full_epochs} epochs, {device}")
 
@@ -440,11 +432,11 @@ def main():
             if "random" in baselines:
                 for p in used:
                     rows.append(ev.row("random", "random", "random", ipc,
-                                       [C.Split(train.x[d], train.y[d]) for d in draws[ipc]], student, p,
+                                       [common.Split(train.x[d], train.y[d]) for d in draws[ipc]], student, p,
                                        epochs_for(ipc, rule), seeds))
         for s in sets:
             for p in protocols + ([s["own"]] if s["own"] not in protocols else []):
-                rows.append(ev.row("set", s["name"], s["method"], s["ipc"], [cat(s["stages"])] * len(seeds),
+                rows.append(ev.row("set", s["name"], s["method"], s["ipc"], [common.Split.cat(s["stages"])] * len(seeds),
                                    student, p, epochs_for(s["ipc"], rule), seeds))
 
     def mean_of(kind, name, student, proto, ipc=None):
@@ -473,7 +465,7 @@ def main():
             pts = []
             for i in range(1, len(s["stages"]) + 1):
                 ipc_i = sum(s["stage_ipcs"][:i])
-                r = ev.row("stage", s["name"], s["method"], ipc_i, [cat(s["stages"][:i])] * len(ana_seeds), st, p0,
+                r = ev.row("stage", s["name"], s["method"], ipc_i, [common.Split.cat(s["stages"][:i])] * len(ana_seeds), st, p0,
                            epochs_for(ipc_i, rule), ana_seeds)
                 pts.append({"stage": i, **r})
             stages_res[s["name"]] = {"student": st, "protocol": p0, "seeds": ana_seeds, "points": pts}
@@ -491,13 +483,13 @@ def main():
     div = {}
     if "diversity" in analyses:
         def diversity(x, y):
-            per = C.centroid_cosine(C.features(teacher, x.to(device), ctx=ctx), y.to(device), info.num_classes)
+            per = common.centroid_cosine(common.features(teacher, x.to(device), ctx=ctx), y.to(device), info.num_classes)
             return {"per_class": per, "mean": float(np.mean(per))}
         div["full data"] = diversity(train.x, train.y)
         for ipc in ipcs:
             div[f"random-ipc{ipc}"] = diversity(train.x[draws[ipc][0]], train.y[draws[ipc][0]])
         for s in sets:
-            u = cat(s["stages"])
+            u = common.Split.cat(s["stages"])
             div[s["name"]] = diversity(u.x, u.y)
 
     res = {"name": args.name, "dataset": info.name, "students": students, "protocols": protocols,
@@ -506,17 +498,17 @@ def main():
            "selection": "none: fixed epochs and learning rate, final-epoch accuracy on the test split",
            "rows": rows, "ddranking": dd, "stages": stages_res, "redundancy": red, "diversity": div,
            "sets": [{k: s[k] for k in ("name", "folder", "method", "ipc", "stage_ipcs", "own")} for s in sets],
-           "teacher_test_acc": C.read_json(args.run / "teacher" / "metrics.json")["test_acc"]
+           "teacher_test_acc": common.read_json(args.run / "teacher" / "metrics.json")["test_acc"]
            if (args.run / "teacher" / "metrics.json").exists() else None,
-           "versions": C.versions(), "git_commit": C.git_commit(), "device": str(device),
+           "versions": common.versions(), "git_commit": common.git_commit(), "device": str(device),
            "students_trained": ev.trained, "students_reused": ev.reused, "wall_s": time.time() - t_start}
     write_csv(out / "results.csv", [r for r in rows] + [p for v in stages_res.values() for p in v["points"]])
     write_markdown(out / "results.md", res, sets)
     write_plots(out, res)
-    C.write_json(out / "results.json", res)  # last: its presence means the evaluation finished
+    common.write_json(out / "results.json", res)  # last: its presence means the evaluation finished
     print(f"03 done in {time.time() - t_start:.0f} s: {ev.trained} students trained, {ev.reused} reused; "
           f"results in {out}")
 
 
 if __name__ == "__main__":
-    C.cli(main)
+    common.cli(main)

@@ -10,7 +10,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common as C  # noqa: E402
+import common  # noqa: E402
 
 # tiny settings for 01: a 1-epoch teacher and a 20-step DiT are enough to test the contracts
 TINY_01 = ["--model", "convnet-1-bn", "--epochs", "1", "--dit-steps", "20", "--dit-width", "64", "--dit-depth", "1",
@@ -64,7 +64,7 @@ def make_image_tree(root: Path, classes, n_train, n_val, size=16, mode="RGB", se
     return root
 
 
-def write_set(folder: Path, split: C.Split, info: C.DatasetInfo, method: str, stage_ipcs: list, seed=0,
+def write_set(folder: Path, split: common.Split, info: common.DatasetInfo, method: str, stage_ipcs: list, seed=0,
               repeat_first=False):
     """A 02-layout folder of real images: stage_XX/<class>/<index:06d>.png + manifest.json, config.json.
 
@@ -80,11 +80,11 @@ def write_set(folder: Path, split: C.Split, info: C.DatasetInfo, method: str, st
         lo = 0 if repeat_first else start
         for c, p in enumerate(perms):
             for i in p[lo:lo + ipc].tolist():
-                C.save_png(C.to_float(split.x[i]), d / info.classes[c] / f"{index:06d}.png")
+                common.save_png(common.to_float(split.x[i]), d / info.classes[c] / f"{index:06d}.png")
                 index += 1
         start += ipc
-        C.write_json(d / "manifest.json", {"stage": k + 1, "ipc": ipc})
-    C.write_json(folder / "config.json", {"args": {"method": method, "ipc": sum(stage_ipcs),
+        common.write_json(d / "manifest.json", {"stage": k + 1, "ipc": ipc})
+    common.write_json(folder / "config.json", {"args": {"method": method, "ipc": sum(stage_ipcs),
                                                    "stages": len(stage_ipcs), "seed": seed}})
     return folder
 

@@ -3,25 +3,26 @@ import json
 
 import torch
 
-import common as C
+import common
+import dit
 from conftest import TINY_01, assert_user_error, kill_when, make_image_tree, run_script
 from test_dit import save_tiny_latent_pipeline
 
 
 def test_handoff_files_exist_and_load(tiny_run):
     run, _ = tiny_run
-    info = C.DatasetInfo.from_dict(json.loads((run / "dataset.json").read_text()))
+    info = common.DatasetInfo.from_dict(json.loads((run / "dataset.json").read_text()))
     assert info.name == "mnist5k" and info.num_classes == 10
     ck = torch.load(run / "teacher" / "teacher.pt", weights_only=True)
     assert ck["model_name"] == "convnet-1-bn" and ck["dataset"] == "mnist5k"
-    teacher = C.load_classifier(run / "teacher" / "teacher.pt", info, "cpu")
+    teacher = common.load_classifier(run / "teacher" / "teacher.pt", info, "cpu")
     m = json.loads((run / "teacher" / "metrics.json").read_text())
     assert 0 <= m["test_acc"] <= 100 and m["epochs"] == 1
-    _, _, test = C.load_dataset("mnist5k")
-    assert abs(C.accuracy(teacher, test) - m["test_acc"]) < 1e-6
+    _, _, test = common.load_dataset("mnist5k")
+    assert abs(common.accuracy(teacher, test) - m["test_acc"]) < 1e-6
     cfg = json.loads((run / "teacher" / "config.json").read_text())
     assert {"args", "versions", "git_commit", "device"} <= set(cfg)
-    prior = C.load_prior(run / "dit", info, "cpu")
+    prior = dit.load_prior(run / "dit", info, "cpu")
     assert prior.transformer.config.num_layers == 1
     dm = json.loads((run / "dit" / "metrics.json").read_text())
     assert dm["samples_per_class"] == 2 and len(dm["sample_acc_per_class"]) == 10

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-import common as C
+import common
 from conftest import assert_user_error, kill_when, run_script
 
 # 4 images per class as 2 stages of 2; a 4-step sampler and 2-epoch guide models keep it fast
@@ -34,7 +34,7 @@ def files(folder):
         elif f.name == "latents.pt":  # a torch.save archive records its file name: compare values
             out[str(f.relative_to(folder))] = torch.load(f, weights_only=True).numpy().tobytes()
         elif f.name == "manifest.json":
-            m = C.read_json(f)
+            m = common.read_json(f)
             m.pop("seconds")
             out[str(f.relative_to(folder))] = m
     return out
@@ -44,30 +44,30 @@ def files(folder):
 def test_each_method_writes_the_stage_contract(run, method):
     distill(run, method)
     out = run / "distilled" / f"{method}-ipc4"
-    info = C.read_run_info(run)
-    assert C.read_json(out / "config.json")["args"]["method"] == method
-    stages = C.read_stages(out, info)
+    info = common.read_run_info(run)
+    assert common.read_json(out / "config.json")["args"]["method"] == method
+    stages = common.read_stages(out, info)
     assert len(stages) == 2
     for k, s in enumerate(stages):
         assert torch.bincount(s.y, minlength=10).tolist() == [2] * 10
         assert sorted(p.name for p in (out / f"stage_{k + 1:02d}" / "3").glob("*.png")) == \
             [f"{2 * k:06d}.png", f"{2 * k + 1:06d}.png"]  # indices run on across stages
-        m = C.read_json(out / f"stage_{k + 1:02d}" / "manifest.json")
+        m = common.read_json(out / f"stage_{k + 1:02d}" / "manifest.json")
         assert m["stage"] == k + 1 and m["counts"]["7"] == 2 and 0 <= m["reference_acc"] <= 100
         assert len(m["scores"]["ce_reference"]) == 20
     if method == "random":  # real training images, disjoint across stages
-        idx = [C.read_json(out / f"stage_{k:02d}" / "manifest.json")["scores"]["train_index"] for k in (1, 2)]
+        idx = [common.read_json(out / f"stage_{k:02d}" / "manifest.json")["scores"]["train_index"] for k in (1, 2)]
         assert len(set(idx[0]) | set(idx[1])) == 40
-        _, train, _ = C.load_dataset("mnist5k")
+        _, train, _ = common.load_dataset("mnist5k")
         assert torch.equal(stages[0].x, train.x[idx[0]])
     if method == "lgd":
-        cur = C.load_classifier(out / "stage_02" / "current.pt", info, "cpu")
+        cur = common.load_classifier(out / "stage_02" / "current.pt", info, "cpu")
         assert cur is not None and not (out / "stage_01" / "current.pt").exists()
-        m = C.read_json(out / "stage_02" / "manifest.json")
+        m = common.read_json(out / "stage_02" / "manifest.json")
         assert len(m["scores"]["S"]) == 20 and m["settings"]["candidates"] == 3
     if method == "acs":
-        C.load_classifier(out / "stage_02" / "discriminator.pt", info, "cpu")
-        m = C.read_json(out / "stage_02" / "manifest.json")
+        common.load_classifier(out / "stage_02" / "discriminator.pt", info, "cpu")
+        m = common.read_json(out / "stage_02" / "manifest.json")
         assert {"disc_acc_train", "disc_acc_before", "disc_acc_after"} <= set(m)
     if method != "random":
         z = torch.load(out / "stage_02" / "latents.pt", weights_only=True)
@@ -127,7 +127,7 @@ def test_bad_inputs_give_one_line(run, tmp_path):
     bad("--run", run, "--method", "random", "--ipc", "1000", "--stages", "1", frags=["fewer", "lower --ipc"])
     bad("--run", tmp_path / "nowhere", "--method", "dit", frags=["run 01_train_teacher.py"])
     bad("--run", run, "--method", "dit", "--candidates", "2", frags=["--candidates", "dit"])
-    bad("--run", run, "--method", "acs", "--candidates", "2", frags=["acs samples one image"])
+    bad("--run", run, "--method", "acs", "--candidates", "2", frags=["--candidates", "acs (only lgd)"])
     bad("--run", run, "--method", "lgd", "--window", "10", frags=["--window"])
     bad("--run", run, "--method", "lgd", "--window", "40,60", frags=["t_hi <= 49"])
     bad("--run", run, "--method", "lgd", "--guide-model", "vgg", frags=["unknown model"])
@@ -136,9 +136,9 @@ def test_bad_inputs_give_one_line(run, tmp_path):
     init = tmp_path / "init"
     for c in range(10):
         (init / str(c)).mkdir(parents=True)
-        C.save_png(torch.zeros(1, 28, 28), init / str(c) / "000000.png")
+        common.save_png(torch.zeros(1, 28, 28), init / str(c) / "000000.png")
     bad("--run", run, "--method", "lgd", *TINY_02, "--init-folder", init, frags=["2 images per class"])
-    C.save_png(torch.zeros(3, 16, 16), init / "0" / "000001.png")
+    common.save_png(torch.zeros(3, 16, 16), init / "0" / "000001.png")
     bad("--run", run, "--method", "lgd", *TINY_02, "--init-folder", init, frags=["share one size"])
     p = run_script("02_distill_stages.py", "--run", run, "--method", "pca", check=False)
     assert p.returncode == 2 and "invalid choice" in p.stderr

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import common as C
+import common
 from conftest import ROOT, assert_user_error, run_script, write_set
 
 spec = importlib.util.spec_from_file_location("evaluate03", ROOT / "03_evaluate.py")
@@ -20,7 +20,7 @@ TINY = ["--students", "convnet-1", "--seeds", "2", "--epochs", "2", "--full-epoc
 
 @pytest.fixture(scope="module")
 def data():
-    return C.load_dataset("mnist5k")
+    return common.load_dataset("mnist5k")
 
 
 @pytest.fixture
@@ -28,22 +28,22 @@ def run(tmp_path, data):
     """A run folder as 01 leaves it, with an untrained convnet-1-bn standing in for the teacher."""
     info, train, _ = data
     run = tmp_path / "run"
-    C.write_json(run / "dataset.json", info.to_dict())
+    common.write_json(run / "dataset.json", info.to_dict())
     torch.manual_seed(0)
-    C.save_classifier(run / "teacher" / "teacher.pt", C.build_model("convnet-1-bn", info), "convnet-1-bn", info)
-    C.write_json(run / "teacher" / "config.json", {"args": {"epochs": 1}})
+    common.save_classifier(run / "teacher" / "teacher.pt", common.build_model("convnet-1-bn", info), "convnet-1-bn", info)
+    common.write_json(run / "teacher" / "config.json", {"args": {"epochs": 1}})
     return run
 
 
 def test_same_seed_same_student(data):
     info, train, test = data
-    sub = C.Split(train.x[:40], train.y[:40])
-    proto = C.Protocol("hard", batch_size=16)
+    sub = common.Split(train.x[:40], train.y[:40])
+    proto = common.Protocol("hard", batch_size=16)
 
     def fit(seed):
         torch.manual_seed(seed)
-        m = C.train_student(C.build_model("convnet-1", info), sub, info, proto, epochs=3, seed=seed, progress=False)
-        return m.state_dict(), C.accuracy(m, test)
+        m = common.fit(common.build_model("convnet-1", info), sub, info, proto, epochs=3, seed=seed, progress=False)
+        return m.state_dict(), common.accuracy(m, test)
     (w0, a0), (w0b, a0b), (w1, _) = fit(0), fit(0), fit(1)
     assert a0 == a0b and all(torch.equal(w0[k], w0b[k]) for k in w0)
     assert not all(torch.equal(w0[k], w1[k]) for k in w0)
@@ -51,12 +51,12 @@ def test_same_seed_same_student(data):
 
 def test_batched_augmentations():
     x = torch.rand(8, 1, 28, 28)
-    assert torch.allclose(C.random_resized_crop(x, (1.0, 1.0), (1.0, 1.0)), x, atol=1e-5)  # full crop = identity
+    assert torch.allclose(common.random_resized_crop(x, (1.0, 1.0), (1.0, 1.0)), x, atol=1e-5)  # full crop = identity
     g = torch.Generator().manual_seed(0)
-    assert not torch.allclose(C.random_resized_crop(x, (0.3, 0.3), gen=g), x, atol=1e-2)
+    assert not torch.allclose(common.random_resized_crop(x, (0.3, 0.3), gen=g), x, atol=1e-2)
     imgs = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 28, 28)  # image i is the constant i
     for _ in range(5):
-        mixed, partner, lam = C.cutmix(imgs, 1.0, g)
+        mixed, partner, lam = common.cutmix(imgs, 1.0, g)
         kept = (mixed == imgs).float().mean((1, 2, 3))  # (8,) fraction of each image left untouched
         moved = partner != torch.arange(8)
         assert torch.allclose(kept[moved], torch.full_like(kept[moved], lam), atol=1e-6)
@@ -65,13 +65,13 @@ def test_batched_augmentations():
 
 def test_soft_protocol_needs_and_uses_teacher(data):
     info, train, _ = data
-    sub = C.Split(train.x[:32], train.y[:32])
-    teacher = C.build_model("convnet-1-bn", info).eval()
+    sub = common.Split(train.x[:32], train.y[:32])
+    teacher = common.build_model("convnet-1-bn", info).eval()
     with pytest.raises(ValueError):
-        C.train_student(C.build_model("convnet-1", info), sub, info, C.Protocol("soft"), epochs=1, seed=0,
+        common.fit(common.build_model("convnet-1", info), sub, info, common.Protocol("soft"), epochs=1, seed=0,
                         progress=False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    C.train_student(C.build_model("convnet-1", info), sub, info, C.Protocol("soft"), epochs=1, seed=0,
+    common.fit(common.build_model("convnet-1", info), sub, info, common.Protocol("soft"), epochs=1, seed=0,
                     teacher=teacher, progress=False)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # frozen, BN stats too
 
@@ -87,7 +87,7 @@ def test_random_draws_balanced_disjoint_cached(tmp_path, data):
     assert all(torch.equal(a, b) for a, b in zip(again, draws))
     other = E.random_draws(train, 7, 1, seed=6, cache=tmp_path, refresh=False)
     assert not torch.equal(other[0], draws[0])
-    with pytest.raises(C.UserError, match="lower --seeds"):
+    with pytest.raises(common.UserError, match="lower --seeds"):
         E.random_draws(train, 300, 2, seed=5, cache=tmp_path, refresh=False)
 
 
@@ -108,9 +108,9 @@ def test_epoch_rules():
 def test_redundancy_of_a_set_with_itself(tmp_path, run, data):
     """Every increment holds the same images: each row is constant, the diagonal is the training accuracy."""
     info, train, test = data
-    stages = C.read_stages(write_set(tmp_path / "same", train, info, "dit", [2, 2, 2], repeat_first=True), info)
+    stages = common.read_stages(write_set(tmp_path / "same", train, info, "dit", [2, 2, 2], repeat_first=True), info)
     ev = E.Evaluator(SimpleNamespace(overwrite=False), info, test, None,
-                     {"hard": C.Protocol("hard", batch_size=32)}, torch.device("cpu"), C.nullcontext(), tmp_path)
+                     {"hard": common.Protocol("hard", batch_size=32)}, torch.device("cpu"), common.nullcontext(), tmp_path)
     rd = E.redundancy(ev, stages, "convnet-1", "hard", "40", [0], "same")
     M = torch.tensor(rd["matrix"])
     assert M.shape == (3, 3)
@@ -152,13 +152,13 @@ def _bad_folder(kind, folder, info):
     if kind == "missing class":
         shutil.rmtree(st / "3")
     elif kind == "unequal ipc":
-        C.save_png(torch.zeros(1, 28, 28), st / "4" / "000999.png")
+        common.save_png(torch.zeros(1, 28, 28), st / "4" / "000999.png")
     elif kind == "size":
         for f in st.glob("*/*.png"):
-            C.save_png(torch.zeros(1, 32, 32), f)
+            common.save_png(torch.zeros(1, 32, 32), f)
     elif kind == "channels":
         for f in (st / "2").iterdir():
-            C.save_png(torch.zeros(3, 28, 28), f)
+            common.save_png(torch.zeros(3, 28, 28), f)
     elif kind == "unfinished":
         (folder / "stage_02" / "manifest.json").unlink()
 

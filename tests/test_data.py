@@ -3,13 +3,13 @@ import pytest
 import torch
 from PIL import Image
 
-import common as C
+import common
 from conftest import make_image_tree
 
 
 def test_mnist5k_split_is_stratified_and_deterministic():
-    info, tr, te = C.load_dataset("mnist5k")
-    _, tr2, te2 = C.load_dataset("mnist5k")
+    info, tr, te = common.load_dataset("mnist5k")
+    _, tr2, te2 = common.load_dataset("mnist5k")
     assert torch.equal(tr.x, tr2.x) and torch.equal(te.y, te2.y)
     assert tr.x.shape == (4000, 1, 28, 28) and te.x.shape == (1000, 1, 28, 28)
     assert tr.x.dtype == torch.uint8 and int(tr.x.max()) > 200
@@ -24,26 +24,26 @@ def test_mnist5k_split_is_stratified_and_deterministic():
 
 def test_folder_dataset_metadata_and_shapes(tmp_path):
     root = make_image_tree(tmp_path / "tree", ["cat", "dog", "eel"], 4, 2, size=20)
-    info, tr, te = C.load_dataset(f"imagefolder:{root}", size=16)
+    info, tr, te = common.load_dataset(f"imagefolder:{root}", size=16)
     assert info.classes == ["cat", "dog", "eel"] and (info.channels, info.size) == (3, 16)
     assert tr.x.shape == (12, 3, 16, 16) and te.x.shape == (6, 3, 16, 16)
     assert tr.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
 
 
 def test_imagenette_class_map(tmp_path):
-    root = make_image_tree(tmp_path / "nette", sorted(C.IMAGENETTE), 1, 1, size=8)
-    info, _, _ = C.load_dataset("imagenette", root, size=8)
-    assert info.class_map == [C.IMAGENETTE[w] for w in info.classes]
+    root = make_image_tree(tmp_path / "nette", sorted(common.IMAGENETTE), 1, 1, size=8)
+    info, _, _ = common.load_dataset("imagenette", root, size=8)
+    assert info.class_map == [common.IMAGENETTE[w] for w in info.classes]
     assert info.class_map[0] == 0 and 701 in info.class_map  # tench, parachute
-    assert info.mean == C.IMAGENET_MEAN
+    assert info.mean == common.IMAGENET_MEAN
 
 
 def test_distilled_reader_round_trip(tmp_path):
-    info, tr, _ = C.load_dataset("mnist5k")
+    info, tr, _ = common.load_dataset("mnist5k")
     for c in range(10):
         for k in range(2):
-            C.save_png(C.to_float(tr.x[tr.y == c][k]), tmp_path / str(c) / f"{k:06d}.png")
-    d = C.read_distilled(tmp_path, info)
+            common.save_png(common.to_float(tr.x[tr.y == c][k]), tmp_path / str(c) / f"{k:06d}.png")
+    d = common.read_distilled(tmp_path, info)
     assert d.x.shape == (20, 1, 28, 28) and torch.bincount(d.y).tolist() == [2] * 10
     assert torch.equal(d.x[0], tr.x[tr.y == 0][0])  # PNG is lossless
 
@@ -51,7 +51,7 @@ def test_distilled_reader_round_trip(tmp_path):
 def test_translate_keeps_shape_and_moves_pixels():
     x = torch.zeros(64, 1, 8, 8)
     x[:, :, 4, 4] = 1
-    out = C.random_translate(x, 2)
+    out = common.random_translate(x, 2)
     assert out.shape == x.shape and torch.all(out.sum((1, 2, 3)) == 1)
     assert len({int(o.argmax()) for o in out}) > 3  # different shifts per sample
 
@@ -81,47 +81,47 @@ def test_folder_bad_input(tmp_path, case):
         import shutil
         shutil.rmtree(root / "val")
         msg = "needs train/ and val/"
-    with pytest.raises(C.UserError, match=msg):
-        C.load_dataset(f"imagefolder:{root}")
+    with pytest.raises(common.UserError, match=msg):
+        common.load_dataset(f"imagefolder:{root}")
 
 
 def test_distilled_reader_rejects_wrong_size_and_missing_class(tmp_path):
-    info, _, _ = C.load_dataset("mnist5k")
+    info, _, _ = common.load_dataset("mnist5k")
     for c in range(10):
-        C.save_png(torch.rand(1, 32, 32), tmp_path / "big" / str(c) / "000000.png")
-    with pytest.raises(C.UserError, match="dataset mnist5k needs"):
-        C.read_distilled(tmp_path / "big", info)
+        common.save_png(torch.rand(1, 32, 32), tmp_path / "big" / str(c) / "000000.png")
+    with pytest.raises(common.UserError, match="dataset mnist5k needs"):
+        common.read_distilled(tmp_path / "big", info)
     for c in range(10):
-        C.save_png(torch.rand(1, 28, 28), tmp_path / "mixed" / str(c) / "000000.png")
-    C.save_png(torch.rand(1, 30, 30), tmp_path / "mixed" / "5" / "000001.png")
-    with pytest.raises(C.UserError, match="must share one size"):
-        C.read_distilled(tmp_path / "mixed", info)
+        common.save_png(torch.rand(1, 28, 28), tmp_path / "mixed" / str(c) / "000000.png")
+    common.save_png(torch.rand(1, 30, 30), tmp_path / "mixed" / "5" / "000001.png")
+    with pytest.raises(common.UserError, match="must share one size"):
+        common.read_distilled(tmp_path / "mixed", info)
     for c in range(9):
-        C.save_png(torch.rand(1, 28, 28), tmp_path / "nine" / str(c) / "000000.png")
-    with pytest.raises(C.UserError, match="lacks class folders"):
-        C.read_distilled(tmp_path / "nine", info)
+        common.save_png(torch.rand(1, 28, 28), tmp_path / "nine" / str(c) / "000000.png")
+    with pytest.raises(common.UserError, match="lacks class folders"):
+        common.read_distilled(tmp_path / "nine", info)
 
 
 def test_unknown_dataset_and_missing_cifar():
-    with pytest.raises(C.UserError, match="unknown dataset"):
-        C.load_dataset("mnist60k")
-    with pytest.raises(C.UserError, match="--data-root"):
-        C.load_dataset("imagewoof")
+    with pytest.raises(common.UserError, match="unknown dataset"):
+        common.load_dataset("mnist60k")
+    with pytest.raises(common.UserError, match="--data-root"):
+        common.load_dataset("imagewoof")
 
 
 def test_hidden_folders_are_not_classes(tmp_path):
     root = make_image_tree(tmp_path / "t", ["a", "b"], 2, 1, size=8)
     (root / "train" / ".ipynb_checkpoints").mkdir()
-    info, _, _ = C.load_dataset(f"imagefolder:{root}")
+    info, _, _ = common.load_dataset(f"imagefolder:{root}")
     assert info.classes == ["a", "b"]
 
 
 def test_prepare_folder_resumes_with_path_arguments_and_rejects_changes(tmp_path):
     args = {"data_root": tmp_path / "data", "lr": 0.1}
-    C.prepare_folder(tmp_path / "job", args, False, "job")
-    C.write_config(tmp_path / "job", args, {}, torch.device("cpu"))
-    C.prepare_folder(tmp_path / "job", dict(args), False, "job")  # same settings: resumes
-    with pytest.raises(C.UserError, match=r"other settings \(lr\)"):
-        C.prepare_folder(tmp_path / "job", {**args, "lr": 0.2}, False, "job")
-    C.prepare_folder(tmp_path / "job", {**args, "lr": 0.2}, True, "job")  # --overwrite wipes it
+    common.prepare_folder(tmp_path / "job", args, False, "job")
+    common.write_config(tmp_path / "job", args, {}, torch.device("cpu"))
+    common.prepare_folder(tmp_path / "job", dict(args), False, "job")  # same settings: resumes
+    with pytest.raises(common.UserError, match=r"other settings \(lr\)"):
+        common.prepare_folder(tmp_path / "job", {**args, "lr": 0.2}, False, "job")
+    common.prepare_folder(tmp_path / "job", {**args, "lr": 0.2}, True, "job")  # --overwrite wipes it
     assert not (tmp_path / "job" / "config.json").exists()

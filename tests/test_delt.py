@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common as C
+import common
 from conftest import ROOT, assert_user_error, kill_when, run_script
 
 spec = importlib.util.spec_from_file_location("distill02", ROOT / "02_distill_stages.py")
@@ -50,10 +50,10 @@ def test_small_ipc_and_constant_schedule():
 
 def small_model(info):
     torch.manual_seed(0)
-    return C.build_model("convnet-2-bn", info).eval().requires_grad_(False)
+    return common.build_model("convnet-2-bn", info).eval().requires_grad_(False)
 
 
-INFO = C.DatasetInfo("toy", 1, 8, (0.5,), (0.25,), ["a", "b", "c"], flip=False)
+INFO = common.DatasetInfo("toy", 1, 8, (0.5,), (0.25,), ["a", "b", "c"], flip=False)
 
 
 def test_bn_loss_is_zero_at_the_running_statistics_and_weights_the_first_layer():
@@ -61,7 +61,7 @@ def test_bn_loss_is_zero_at_the_running_statistics_and_weights_the_first_layer()
     x = torch.rand(6, 1, 8, 8)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == 2
-    with D.BNMatch(model, first_weight=10.0) as bn:
+    with common.BNMatch(model, first_weight=10.0) as bn:
         model(x)
         assert bn.loss().item() > 1e-2  # random running stats differ from the batch's
         stats = []
@@ -100,7 +100,7 @@ def test_augment_is_identity_at_full_scale_and_a_crop_later():
 def toy_env(tmp_path, schedule="earlylate", init="median", iterations=8, round_iterations=2, ipc=4):
     """An Env with 3 classes of random 8x8 images and a random convnet-2-bn teacher."""
     g = torch.Generator().manual_seed(1)
-    real = C.Split((torch.rand(30, 1, 8, 8, generator=g) * 255).to(torch.uint8), torch.arange(3).repeat_interleave(10))
+    real = common.Split((torch.rand(30, 1, 8, 8, generator=g) * 255).to(torch.uint8), torch.arange(3).repeat_interleave(10))
     s = {"iterations": iterations, "round_iterations": round_iterations if schedule == "earlylate" else None,
          "opt_batch": 100, "lr": 0.25, "r_bn": 0.01, "first_bn_weight": 10.0, "schedule": schedule, "init": init,
          "per_sample_aug": False}
@@ -130,7 +130,7 @@ def test_a_group_does_not_change_before_its_join_iteration(tmp_path, monkeypatch
     joins = torch.tensor(D.delt_joins(env.counts, 2)).repeat(3)
     assert len(trace) == 8 and joins.tolist() == [0, 2, 4, 6] * 3
     mean, std = 0.5, 0.25
-    z0 = (C.to_float(env.real.x[res["train_index"]]) - mean) / std
+    z0 = (common.to_float(env.real.x[res["train_index"]]) - mean) / std
     for t, z in enumerate(trace):  # z after step t (0-based)
         changed = (z - z0).flatten(1).abs().amax(1) > 0
         assert torch.equal(changed, joins <= t), t
@@ -237,7 +237,7 @@ def test_stage_layout_indices_and_manifests(run):
     idx = sum((json.loads((out / f"stage_{k:02d}" / "manifest.json").read_text())["scores"]["train_index"]
                for k in range(1, 5)), [])
     assert len(set(idx)) == 50
-    stages = C.read_stages(out, C.read_run_info(run))
+    stages = common.read_stages(out, common.read_run_info(run))
     assert [len(s.y) for s in stages] == [20, 10, 10, 10]
 
 
@@ -267,7 +267,7 @@ def test_baselines_from_flags_get_their_own_folders(run):
     out = run / "distilled" / "delt-constant-init-noise-ipc2"
     m = json.loads((out / "stage_01" / "manifest.json").read_text())
     assert m["iterations_trained"] == 4 and m["images_per_class"] == 2 and set(m["scores"]["train_index"]) == {-1}
-    assert len(C.stage_dirs(out)) == 1
+    assert len(common.stage_dirs(out)) == 1
 
 
 @pytest.mark.parametrize("extra, fragments", [
@@ -296,8 +296,8 @@ def test_unknown_init_and_delt_flags_for_other_methods(run):
 
 def test_teacher_without_batchnorm_is_an_error(run, tmp_path):
     dst = fresh(run, tmp_path, "nobn")
-    info = C.read_run_info(dst)
-    C.save_classifier(dst / "teacher" / "teacher.pt", C.build_model("convnet-1", info), "convnet-1", info)
+    info = common.read_run_info(dst)
+    common.save_classifier(dst / "teacher" / "teacher.pt", common.build_model("convnet-1", info), "convnet-1", info)
     p = run_script("02_distill_stages.py", "--run", dst, *TINY, check=False)
     assert_user_error(p, "no BN layers", "convnet-3-bn")
     assert not (dst / "distilled").exists()

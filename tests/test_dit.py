@@ -2,15 +2,15 @@
 import pytest
 import torch
 
-import common as C
-import guidance as G
+import common
+import dit
 from conftest import make_image_tree
 
 
 def tiny_pixel_prior(info):
     torch.manual_seed(0)
-    dit = C.make_pixel_dit(info, width=32, depth=1, patch=4, head_dim=16)
-    return C.Prior(dit, dict(C.make_train_scheduler().config), info)
+    model = dit.make_pixel_dit(info, width=32, depth=1, patch=4, head_dim=16)
+    return dit.Prior(model, dict(dit.make_train_scheduler().config), info)
 
 
 def save_tiny_latent_pipeline(folder, num_labels, image_size=16):
@@ -28,10 +28,10 @@ def save_tiny_latent_pipeline(folder, num_labels, image_size=16):
 
 
 def test_pixel_dit_save_load_round_trip(tmp_path):
-    info, _, _ = C.load_dataset("mnist5k")
+    info, _, _ = common.load_dataset("mnist5k")
     prior = tiny_pixel_prior(info)
     prior.save(tmp_path / "dit")
-    loaded = C.load_prior(tmp_path / "dit", info, "cpu")
+    loaded = dit.load_prior(tmp_path / "dit", info, "cpu")
     assert loaded.vae is None and loaded.num_labels == 10 and not loaded.learned_sigma
     x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([5, 900]), torch.tensor([3, 10])
     with torch.no_grad():
@@ -40,13 +40,13 @@ def test_pixel_dit_save_load_round_trip(tmp_path):
 
 
 def test_sampling_is_seeded_and_cfg_matters():
-    info, _, _ = C.load_dataset("mnist5k")
+    info, _, _ = common.load_dataset("mnist5k")
     prior = tiny_pixel_prior(info)
     y = torch.arange(10)
 
     def run(seed, cfg=4.0):
-        return G.sample(prior, y, steps=5, cfg=cfg, gen=torch.Generator().manual_seed(seed),
-                        progress=False)[0]
+        return dit.sample(prior, y, steps=5, cfg=cfg, gen=torch.Generator().manual_seed(seed),
+                          progress=False)[0]
     a, b, c = run(1), run(1), run(2)
     assert a.shape == (10, 1, 28, 28) and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -73,29 +73,29 @@ class StubDiT(torch.nn.Module):
 
 
 def test_v_to_eps_and_cfg_combination_are_exact():
-    info, _, _ = C.load_dataset("mnist5k")
+    info, _, _ = common.load_dataset("mnist5k")
     g = torch.Generator().manual_seed(0)
     x0, eps_c, eps_u = (torch.randn(3, 1, 28, 28, generator=g) for _ in range(3))
-    sched_cfg = dict(C.make_train_scheduler().config)
-    stub = StubDiT(x0, eps_c, eps_u, C.make_train_scheduler().alphas_cumprod)
-    prior = C.Prior(stub, sched_cfg, info)
+    sched_cfg = dict(dit.make_train_scheduler().config)
+    stub = StubDiT(x0, eps_c, eps_u, dit.make_train_scheduler().alphas_cumprod)
+    prior = dit.Prior(stub, sched_cfg, info)
     sched = prior.scheduler(50)
     t = sched.timesteps[10]
     a = sched.alphas_cumprod[int(t)]
     xt = a.sqrt() * x0 + (1 - a).sqrt() * eps_c
     y = torch.tensor([1, 2, 3])
-    eps1, var = prior.model_eps(xt, t, y, 1.0, sched)
+    eps1, var = prior.eps(xt, t, y, 1.0, sched)
     assert var is None and torch.allclose(eps1, eps_c, atol=1e-4)
     # the second half of the batch carries the null label read from the model (10 here)
     assert stub.seen.tolist() == [1, 2, 3, 10, 10, 10]
-    eps0, _ = prior.model_eps(xt, t, y, 0.0, sched)
+    eps0, _ = prior.eps(xt, t, y, 0.0, sched)
     assert torch.allclose(eps0, eps_u, atol=1e-4)
-    eps4, _ = prior.model_eps(xt, t, y, 4.0, sched)
+    eps4, _ = prior.eps(xt, t, y, 4.0, sched)
     assert torch.allclose(eps4, eps_u + 4 * (eps_c - eps_u), atol=1e-3)
 
 
 def test_null_label_is_read_from_the_model():
-    info, _, _ = C.load_dataset("mnist5k")
+    info, _, _ = common.load_dataset("mnist5k")
     prior = tiny_pixel_prior(info)
     # the label table has one row more than the classes: the null row used for CFG
     table = prior.transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
@@ -104,11 +104,11 @@ def test_null_label_is_read_from_the_model():
 
 def test_offline_pretrained_latent_pipeline(tmp_path):
     root = make_image_tree(tmp_path / "tree", ["a", "b", "c"], 2, 1, size=16)
-    info, _, _ = C.load_dataset(f"imagefolder:{root}")
+    info, _, _ = common.load_dataset(f"imagefolder:{root}")
     folder = save_tiny_latent_pipeline(tmp_path / "pipe", num_labels=3)
-    prior = C.load_prior(folder, info, "cpu")
+    prior = dit.load_prior(folder, info, "cpu")
     assert prior.vae is not None and prior.learned_sigma and prior.latent_shape == (4, 8, 8)
-    imgs, z = G.sample(prior, torch.tensor([0, 1, 2]), steps=3, cfg=4.0,
+    imgs, z, _ = dit.sample(prior, torch.tensor([0, 1, 2]), steps=3, cfg=4.0,
                        gen=torch.Generator().manual_seed(0), progress=False)
     assert imgs.shape == (3, 3, 16, 16) and z.shape == (3, 4, 8, 8)
     assert torch.isfinite(imgs).all()
@@ -121,25 +121,25 @@ def test_offline_pretrained_latent_pipeline(tmp_path):
 
 
 def test_class_map_checked_against_dit_labels(tmp_path):
-    root = make_image_tree(tmp_path / "nette", sorted(C.IMAGENETTE), 1, 1, size=16)
-    info, _, _ = C.load_dataset("imagenette", root, size=16)
+    root = make_image_tree(tmp_path / "nette", sorted(common.IMAGENETTE), 1, 1, size=16)
+    info, _, _ = common.load_dataset("imagenette", root, size=16)
     folder = save_tiny_latent_pipeline(tmp_path / "pipe", num_labels=100)
-    with pytest.raises(C.UserError, match="class map of imagenette needs labels up to 701"):
-        C.load_prior(folder, info, "cpu")
+    with pytest.raises(common.UserError, match="class map of imagenette needs labels up to 701"):
+        dit.load_prior(folder, info, "cpu")
     # with 1000 labels the ImageNet indices are used
-    prior = C.load_prior(save_tiny_latent_pipeline(tmp_path / "pipe1k", num_labels=1000), info, "cpu")
+    prior = dit.load_prior(save_tiny_latent_pipeline(tmp_path / "pipe1k", num_labels=1000), info, "cpu")
     assert prior.labels(torch.tensor([0, 9])).tolist() == [info.class_map[0], info.class_map[9]]
 
 
 def test_bad_dit_inputs(tmp_path):
-    info, _, _ = C.load_dataset("mnist5k")
-    with pytest.raises(C.UserError, match="cannot take 28 px"):
-        C.make_pixel_dit(info, patch=5)
-    with pytest.raises(C.UserError, match="does not exist"):
-        C.load_prior(tmp_path / "missing", info, "cpu")
+    info, _, _ = common.load_dataset("mnist5k")
+    with pytest.raises(common.UserError, match="cannot take 28 px"):
+        dit.make_pixel_dit(info, patch=5)
+    with pytest.raises(common.UserError, match="does not exist"):
+        dit.load_prior(tmp_path / "missing", info, "cpu")
     (tmp_path / "junk").mkdir()
-    with pytest.raises(C.UserError, match="cannot load a DiT"):
-        C.load_prior(tmp_path / "junk", info, "cpu")
-    rgb = C.DatasetInfo("rgb", 3, 28, (0.5,) * 3, (0.5,) * 3, [str(i) for i in range(10)], flip=True)
-    with pytest.raises(C.UserError, match="1-channel images"):
-        C.Prior(tiny_pixel_prior(info).transformer, dict(C.make_train_scheduler().config), rgb)
+    with pytest.raises(common.UserError, match="cannot load a DiT"):
+        dit.load_prior(tmp_path / "junk", info, "cpu")
+    rgb = common.DatasetInfo("rgb", 3, 28, (0.5,) * 3, (0.5,) * 3, [str(i) for i in range(10)], flip=True)
+    with pytest.raises(common.UserError, match="1-channel images"):
+        dit.Prior(tiny_pixel_prior(info).transformer, dict(dit.make_train_scheduler().config), rgb)
