@@ -1,26 +1,27 @@
-"""Evaluate distilled sets under one fixed protocol, beside random and full-data baselines trained the same way.
+"""Evaluate distilled sets under one fixed protocol, beside random and full-data baselines.
 
-Reads:  <run>/dataset.json and <run>/teacher/ (01_train_teacher.py): dataset, teacher (soft labels, features);
-        distilled folders <run>/distilled/<method>-ipc<N>/ (02_distill_stages.py): config.json (method, ipc)
-        and stage_01/ .. stage_K/, each <class>/<index:06d>.png + manifest.json. No folder given = all of them.
+Reads:  distilled folders of 02_distill_stages.py (<run>/distilled/<set>/: config.json, which
+        names the run, and stage_01/ .. stage_K/, each <class>/<index:06d>.png + manifest.json);
+        no folder given = every set under --run. From the run of 01: dataset.json and teacher/
+        (soft labels, features, the full-data epochs).
 Writes: <run>/eval/<name>/
-          config.json      arguments, derived values (epoch rule, seeds, protocols), versions (written first)
-          results.json     every number with its protocol, epochs, seeds and versions (written last)
-          results.csv      one row per (set, student, protocol, training set size): accuracies, mean, std
-          results.md       tables per IPC (full data, random, methods; HLR/IOR/LRS), accuracy vs accumulated
-                           IPC, redundancy matrices, diversity
-          acc_vs_ipc.png, redundancy_<set>.png, diversity.png
+          config.json      arguments, derived values (epoch rule, seeds, protocols) (first)
+          results.json     every number with its protocol, epochs, seeds and versions (last)
+          results.csv      one row per (set, student, protocol, training size): accuracies
+          results.md       tables per IPC (full data, random, methods; HLR/IOR/LRS), accuracy vs
+                           accumulated IPC, redundancy matrices, diversity
+          acc_vs_ipc.png, redundancy.png (one heatmap per set), diversity.png
         <run>/eval/cache/
-          random_ipc<N>_seed<S>.json   the random real subsets (class-balanced, disjoint across draws)
-          students/<key>.json          one trained student's accuracies, keyed by data hash, student,
-                                       protocol, epochs and seed: reruns skip finished work
-Accuracy is the final-epoch top-1 on the real test split, mean +- std over student seeds; nothing is
-selected on the test split (no best epoch, no learning-rate search).
+          random_ipc<N>_seed<S>.json   the random real subsets (class-balanced, disjoint draws)
+          students/<key>.json          one trained student's accuracies, keyed by data hash,
+                                       student, protocol, epochs and seed: reruns skip it
+Accuracy is the final-epoch top-1 on the real test split, mean +- std over student seeds;
+nothing is selected on the test split (no best epoch, no learning-rate search; §7.4).
 
 Examples:
-  python 03_evaluate.py --run runs/mnist5k                      # CPU, every set of the embedded run
-  python 03_evaluate.py runs/imagenette/distilled/lgd-ipc50 --run runs/imagenette --epochs paper \
-      --students convnet-6,resnetap10,resnet18 --protocols hard,soft --seeds 5   # GPU, paper scale
+  python 03_evaluate.py --run runs/mnist5k                # CPU, every set of the embedded run
+  python 03_evaluate.py runs/imagenette/distilled/lgd-ipc50 --epochs paper \\
+      --students convnet-6,resnetap10,resnet18 --protocols hard,soft --seeds 5   # GPU
 """
 import argparse
 import csv
@@ -40,51 +41,58 @@ import common
 PROTOCOLS = ["hard", "soft"]
 ANALYSES = ["stages", "redundancy", "diversity"]
 BASELINES = ["random", "full"]
-# epochs by IPC, (upper IPC bound, epochs); beyond the last bound the last value holds
-PAPER_EPOCHS = ((10, 2000), (50, 1500), (200, 1000))  # METHODS.md 6 (IDC/Minimax/IGD/LGD hard-label tables)
-# small scale (mnist5k on CPU): the paper rule / 25 at IPC 10, cut to 40 at IPC 50 so that one method at
-# IPC 50 with 3 convnet-3 seeds takes < 5 min on 2 CPU cores (README: benchmark; 60 epochs measured 347 s)
-SMALL_EPOCHS = ((10, 80), (50, 40), (200, 30))
-# the methods whose stages are the papers' increments: per-stage accuracy and redundancy are computed for these
+# the methods whose stages are the papers' increments: per-stage accuracy and redundancy apply
 INCREMENT_METHODS = "dit,lgd,acs,igd"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, run_help="run folder of 01 (dataset.json, teacher/); results go to <run>/eval/<name>")
-    p.add_argument("sets", nargs="*", type=Path, help="distilled folders of 02 (default: all of <run>/distilled)")
+    common.add_common_args(p, run_default=None,
+                           run_help="run folder of 01; default: the run the sets' config.json "
+                                    "names, else runs/mnist5k. Results go to <run>/eval/<name>")
+    p.add_argument("sets", nargs="*", type=Path,
+                   help="distilled folders of 02 (default: all of <run>/distilled)")
     p.add_argument("--name", default="default", help="evaluation name: <run>/eval/<name>/")
-    p.add_argument("--students", default="convnet-3", help=f"comma list of student models: {', '.join(common.MODELS)}")
+    p.add_argument("--students", default="convnet-3",
+                   help=f"comma list of student models: {', '.join(common.MODELS)}, timm:<name>")
     p.add_argument("--protocols", default="hard", help=f"comma list of {', '.join(PROTOCOLS)}")
-    p.add_argument("--seeds", type=common.positive_int, default=3, help="student seeds --seed, --seed+1, ...; "
-                   "random draw k goes with student seed k")
-    p.add_argument("--epochs", default="auto", help="'paper' (2000/1500/1000 for IPC <=10/<=50/<=200), 'small' "
-                   "(80/40/30), 'auto' (small on the embedded mnist5k, else paper) or a number")
-    p.add_argument("--full-epochs", default="teacher", help="epochs on the full training set: 'teacher' (those "
-                   "of 01's teacher, for the like-for-like check) or a number")
-    p.add_argument("--soft-methods", default="delt", help="methods whose own protocol is soft (DD-Ranking IOR); "
-                   "the others' is hard")
-    g = p.add_argument_group("protocol (METHODS.md 6)")
+    p.add_argument("--seeds", type=common.positive_int, default=3,
+                   help="student seeds --seed, --seed+1, ...; random draw k goes with seed k")
+    p.add_argument("--epochs", default="scale",
+                   help="'paper' (2000/1500/1000 for IPC <=10/<=50/<=200), 'small' (80/40/30), "
+                        "'scale' (the rule of --scale) or a number")
+    p.add_argument("--full-epochs", default="teacher",
+                   help="epochs on the full training set: 'teacher' (those of 01's teacher, "
+                        "for the like-for-like check) or a number")
+    p.add_argument("--soft-methods", default="delt",
+                   help="methods whose own protocol is soft (DD-Ranking IOR); others: hard")
+    g = p.add_argument_group("protocol (docs/methods.md §7.1)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--wd", type=float, default=0.01)
     g.add_argument("--batch-size", type=common.positive_int, default=64)
     g.add_argument("--cutmix-p", type=float, default=1.0, help="probability of CutMix per batch")
     g.add_argument("--cutmix-beta", type=float, default=1.0)
-    g.add_argument("--crop-scale", type=float, default=0.5, help="random-resized-crop minimum area fraction")
+    g.add_argument("--crop-scale", type=float, default=0.5,
+                   help="random-resized-crop minimum area fraction")
     g.add_argument("--tau", type=float, default=20.0, help="soft-label temperature")
     g = p.add_argument_group("baselines and analyses")
-    g.add_argument("--baselines", default="random,full", help=f"comma list of {', '.join(BASELINES)} or 'none'")
-    g.add_argument("--baseline-ipcs", default="10,50", help="IPCs of the baselines when the run has no sets yet")
+    g.add_argument("--baselines", default="random,full",
+                   help=f"comma list of {', '.join(BASELINES)} or 'none'")
+    g.add_argument("--baseline-ipcs", default="10,50",
+                   help="IPCs of the baselines when the run has no sets yet")
     g.add_argument("--analyses", default="stages,redundancy,diversity",
                    help=f"comma list of {', '.join(ANALYSES)} or 'none'")
     g.add_argument("--analysis-methods", default=INCREMENT_METHODS,
-                   help="methods whose largest set gets per-stage accuracy and redundancy ('all' for every "
-                   "method; random and delt stages are draws and join rounds, not increments)")
+                   help="methods whose largest set gets per-stage accuracy and redundancy "
+                        "('all' for every method; random and delt stages are draws and join "
+                        "rounds, not increments)")
     g.add_argument("--analysis-seeds", type=common.positive_int, default=1,
-                   help="student seeds for per-stage accuracy and redundancy (first student and protocol)")
-    g.add_argument("--redundancy-ref", default="dit", help="method whose mean off-diagonal redundancy is the "
-                   "reference of the relative reduction")
+                   help="student seeds of per-stage accuracy and redundancy (first student "
+                        "and protocol)")
+    g.add_argument("--redundancy-ref", default="dit",
+                   help="method whose mean off-diagonal redundancy is the reference of the "
+                        "relative reduction")
     return p.parse_args(argv)
 
 
@@ -92,100 +100,190 @@ def comma_list(s: str, allowed: list | None, flag: str) -> list:
     items = [] if s.strip() == "none" else [x.strip() for x in s.split(",") if x.strip()]
     bad = [x for x in items if allowed is not None and x not in allowed]
     if bad:
-        raise common.UserError(f"unknown {flag} value {bad[0]!r}; choose from {', '.join(allowed)}")
+        raise common.UserError(f"unknown {flag} value {bad[0]!r}; choose from "
+                               f"{', '.join(allowed)}")
     return items
 
 
-def epochs_for(ipc: int, rule: str) -> int:
-    """Epochs for a training set of `ipc` images per class under rule 'paper', 'small' or a number."""
-    if rule.isdigit():
-        return int(rule)
-    table = PAPER_EPOCHS if rule == "paper" else SMALL_EPOCHS
-    return next((e for bound, e in table if ipc <= bound), table[-1][1])
-
-
 def dd_ranking(full_hard: float, syn_hard: float, syn_own: float, rand_own: float) -> dict:
-    """DD-Ranking (arXiv 2505.13300), accuracies as fractions: HLR, IOR and LRS = (e^a - e^-1)/(e - e^-1)."""
+    """DD-Ranking (arXiv 2505.13300; §7.5), accuracies as fractions: HLR, IOR, LRS."""
     hlr, ior = full_hard - syn_hard, syn_own - rand_own
     alpha = (ior - hlr) / 2
     return {"hlr": hlr, "ior": ior, "lrs": (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1))}
 
 
 def split_hash(s: common.Split) -> str:
+    """A short hash of a split's pixels and labels: the student cache's notion of 'same data'."""
     h = hashlib.sha1(s.x.cpu().numpy().tobytes())
     h.update(s.y.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def per_class_ipc(s: common.Split, num_classes: int, where: Path) -> int:
-    """The common number of images per class; unequal counts are an error naming the classes."""
-    counts = torch.bincount(s.y, minlength=num_classes).tolist()
-    if len(set(counts)) != 1:
-        raise common.UserError(f"{where} holds unequal images per class ({counts}); every class needs the same IPC")
-    return counts[0]
-
-
-# --------------------------------------------------------------------------------------
-# inputs: distilled sets and random draws
-# --------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
+# inputs: the run, the distilled sets and the random draws; everything is checked first
+# ------------------------------------------------------------------------------------------
 
 
 def read_set(folder: Path, info: common.DatasetInfo) -> dict:
-    """One 02 folder: name, method, IPC, own config, and its increments (Splits) in stage order."""
+    """One 02 folder: name, method, IPC, and its increments (Splits) in stage order."""
     stages = common.read_stages(folder, info)
-    ipcs = [per_class_ipc(s, info.num_classes, d) for s, d in zip(stages, common.stage_dirs(folder))]
-    cfg = common.read_json(folder / "config.json") if (folder / "config.json").exists() else {}
-    a = cfg.get("args", cfg)
+    ipcs = []
+    for s, d in zip(stages, common.stage_dirs(folder)):
+        counts = torch.bincount(s.y, minlength=info.num_classes).tolist()
+        if len(set(counts)) != 1:
+            raise common.UserError(f"{d} holds unequal images per class ({counts}); every class "
+                                   f"needs the same IPC")
+        ipcs.append(counts[0])
+    a = set_args(folder)
     method = a.get("method") or folder.name.split("-ipc")[0]
     if a.get("ipc") is not None and a["ipc"] != sum(ipcs):
-        raise common.UserError(f"{folder}/config.json says IPC {a['ipc']} but its stages hold {sum(ipcs)} per class "
-                          f"({'+'.join(map(str, ipcs))}); rerun 02 to finish or repair the folder")
+        raise common.UserError(f"{folder}/config.json says IPC {a['ipc']} but its stages hold "
+                               f"{sum(ipcs)} per class ({'+'.join(map(str, ipcs))}); rerun 02 "
+                               f"to finish or repair the folder")
     return {"name": folder.name, "folder": str(folder), "method": method, "ipc": sum(ipcs),
             "stage_ipcs": ipcs, "stages": stages}
 
 
-def random_draws(train: common.Split, ipc: int, n: int, seed: int, cache: Path, refresh: bool) -> list:
+def set_args(folder: Path) -> dict:
+    """The arguments 02 recorded in a set's config.json ({} if there is none)."""
+    cfg = Path(folder) / "config.json"
+    return common.read_json(cfg).get("args", {}) if cfg.exists() else {}
+
+
+def find_run(args) -> Path:
+    """--run, else the one run every given set's config.json names, else runs/mnist5k."""
+    if args.run is not None:
+        return args.run
+    runs = {set_args(f).get("run") for f in args.sets} - {None}
+    if len(runs) > 1:
+        raise common.UserError(f"the sets come from different runs ({', '.join(sorted(runs))}); "
+                               f"evaluate each run's sets separately or pass --run")
+    return Path(runs.pop()) if runs else Path("runs/mnist5k")
+
+
+def random_draws(train: common.Split, ipc: int, n: int, seed: int, cache: Path,
+                 refresh: bool) -> list:
     """n class-balanced random subsets (index tensors) of `ipc` per class, disjoint across draws.
 
-    One permutation per class, seeded by `seed` alone; draw k takes its k-th block of `ipc`, so the
-    first draws stay the same when more are asked for. Cached so reruns reuse exactly these images.
+    Draw k is block k of each class's permutation (common.class_permutations), so the first
+    draws stay the same when more are asked for; cached so reruns reuse exactly these images.
     """
     path = cache / f"random_ipc{ipc}_seed{seed}.json"
-    th = split_hash(train)
+    train_hash = split_hash(train)
     if path.exists() and not refresh:
         d = common.read_json(path)
-        if d["train_hash"] == th and len(d["draws"]) >= n:
+        if d["train_hash"] == train_hash and len(d["draws"]) >= n:
             return [torch.tensor(x) for x in d["draws"][:n]]
     per_class = common.class_permutations(train.y, int(train.y.max()) + 1, seed)
     for c, idx in enumerate(per_class):
         if len(idx) < n * ipc:
-            raise common.UserError(f"class {c} has {len(idx)} training images, too few for {n} disjoint random "
-                              f"draws of IPC {ipc}; lower --seeds")
+            raise common.UserError(f"class {c} has {len(idx)} training images, too few for {n} "
+                                   f"disjoint random draws of IPC {ipc}; lower --seeds")
     draws = [torch.cat([p[k * ipc:(k + 1) * ipc] for p in per_class]) for k in range(n)]
-    common.write_json(path, {"ipc": ipc, "seed": seed, "train_hash": th, "draws": [d.tolist() for d in draws]})
+    common.write_json(path, {"ipc": ipc, "seed": seed, "train_hash": train_hash,
+                             "draws": [d.tolist() for d in draws]})
     return draws
 
 
-# --------------------------------------------------------------------------------------
-# training students, cached per (data, student, protocol, epochs, seed)
-# --------------------------------------------------------------------------------------
+class Evaluation:
+    """Everything one evaluation needs, resolved and checked before anything is written."""
 
+    def __init__(self, args, device, ctx):
+        self.args, self.device, self.ctx = args, device, ctx
+        self.run = find_run(args)
+        self.info = common.read_run_info(self.run)
+        self.students = comma_list(args.students, None, "--students")
+        for s in self.students:
+            common.check_model(s, self.info)
+        self.protocols = comma_list(args.protocols, PROTOCOLS, "--protocols")
+        self.baselines = comma_list(args.baselines, BASELINES, "--baselines")
+        self.analyses = comma_list(args.analyses, ANALYSES, "--analyses")
+        if not self.students or not self.protocols:
+            raise common.UserError("--students and --protocols each need at least one entry")
+        scale = common.resolve_scale(args.scale, self.info.name)
+        self.rule = scale if args.epochs == "scale" else args.epochs
+        if self.rule not in ("paper", "small") and not (self.rule.isdigit() and int(self.rule)):
+            raise common.UserError(f"--epochs must be paper, small, scale or a positive number, "
+                                   f"got {args.epochs!r}")
+        self.full_epochs = self._full_epochs()
+        self.teacher = common.load_run_teacher(self.run, self.info, device)
+        self.folders = args.sets or sorted(d for d in (self.run / "distilled").glob("*")
+                                           if d.is_dir())
+        self.sets = [read_set(Path(f), self.info) for f in self.folders]
+        names = [s["name"] for s in self.sets]
+        if len(set(names)) != len(names):
+            raise common.UserError(f"two distilled folders share the name "
+                                   f"{max(names, key=names.count)!r}; evaluate them in separate "
+                                   f"--name evaluations")
+        soft_methods = comma_list(args.soft_methods, None, "--soft-methods")
+        for s in self.sets:
+            s["own"] = "soft" if s["method"] in soft_methods else "hard"
+        self.ipcs = sorted({s["ipc"] for s in self.sets}) or \
+            sorted({int(x) for x in comma_list(args.baseline_ipcs, None, "--baseline-ipcs")})
+        info = self.info
+        _, self.train, test = common.load_dataset(info.name, info.root, info.size)
+        self.test = test.to(device)
+        self.seeds = [args.seed + k for k in range(args.seeds)]
+        # the first analysis seeds are main seeds, so their students come from the cache
+        self.analysis_seeds = [args.seed + k for k in range(args.analysis_seeds)]
+        kw = dict(lr=args.lr, wd=args.wd, batch_size=args.batch_size, cutmix_beta=args.cutmix_beta,
+                  cutmix_p=args.cutmix_p, crop_scale=args.crop_scale, tau=args.tau)
+        self.proto = {p: common.Protocol(p, **kw) for p in PROTOCOLS}
+        # every protocol asked for, plus each set's own (DD-Ranking's IOR needs it)
+        self.used = self.protocols + sorted({s["own"] for s in self.sets} - set(self.protocols))
+        if "random" in self.baselines or "diversity" in self.analyses:  # random draws needed
+            fewest = int(torch.bincount(self.train.y).min())
+            if fewest < len(self.seeds) * max(self.ipcs):
+                raise common.UserError(f"a class has {fewest} training images, too few for "
+                                       f"{len(self.seeds)} disjoint random draws of IPC "
+                                       f"{max(self.ipcs)}; lower --seeds")
+        self.out, self.cache = self.run / "eval" / args.name, self.run / "eval" / "cache"
+        self.test_hash = split_hash(self.test)
+        self.trained, self.reused, self.done = 0, 0, set()  # done: keys trained in this call
 
-class Evaluator:
-    """Trains students under the protocols and caches every result as JSON."""
+    def _full_epochs(self) -> int:
+        a = self.args.full_epochs
+        if a == "teacher":
+            cfg = self.run / "teacher" / "config.json"
+            if not cfg.exists():
+                raise common.UserError(f"{cfg} is missing; run 01 first or give --full-epochs a "
+                                       f"number")
+            return common.read_json(cfg)["args"]["epochs"]
+        if a.isdigit() and int(a) > 0:
+            return int(a)
+        raise common.UserError(f"--full-epochs must be 'teacher' or a positive number, got {a!r}")
 
-    def __init__(self, args, info, test, teacher, protocols: dict, device, ctx, cache: Path):
-        self.args, self.info, self.test, self.teacher = args, info, test, teacher
-        self.protocols, self.device, self.ctx, self.cache = protocols, device, ctx, cache
-        self.test_hash = split_hash(test)
-        self.trained, self.reused, self.done = 0, 0, set()  # done: keys trained by this call (--overwrite)
+    def epochs(self, ipc: int) -> int:
+        return common.epochs_for(ipc, self.rule)
+
+    def start(self):
+        """config.json of <run>/eval/<name>, once every input is known to be good."""
+        cargs = {k: v for k, v in vars(self.args).items()
+                 if k not in ("overwrite", "device", "amp")}
+        cargs["sets"], cargs["run"] = [str(f) for f in self.folders], str(self.run)
+        common.prepare_folder(self.out, cargs, self.args.overwrite, "evaluation")
+        self.derived = {
+            "epoch_rule": self.rule, "epochs_by_ipc": {i: self.epochs(i) for i in self.ipcs},
+            "paper_rule": common.PAPER_EPOCHS, "small_rule": common.SMALL_EPOCHS,
+            "full_epochs": self.full_epochs, "seeds": self.seeds,
+            "analysis_seeds": self.analysis_seeds,
+            "protocols": {p: asdict(self.proto[p]) for p in self.used},
+            "own_protocol": {s["name"]: s["own"] for s in self.sets}, "ipcs": self.ipcs}
+        common.write_config(self.out, cargs, self.derived, self.device)
+        print(f"03: {len(self.sets)} set(s) {[s['name'] for s in self.sets]}, students "
+              f"{self.students}, protocols {self.used}, seeds {self.seeds}, epoch rule "
+              f"{self.rule} ({self.derived['epochs_by_ipc']}), full data {self.full_epochs} "
+              f"epochs, {self.device}")
+
+    # --- training students, cached per (data, student, protocol, epochs, seed, targets) ---
 
     def student(self, train: common.Split, student: str, proto: str, epochs: int, seed: int,
                 targets: dict | None = None, desc="") -> dict:
-        """Final-epoch test accuracy (%) of one student, plus its accuracy on each split in `targets`."""
+        """Final-epoch test accuracy (%) of one student, and its accuracy on each target split."""
         targets = targets or {}
-        job = {"train": split_hash(train), "student": student, "protocol": asdict(self.protocols[proto]),
-               "epochs": epochs, "seed": seed, "test": self.test_hash,
+        job = {"train": split_hash(train), "student": student,
+               "protocol": asdict(self.proto[proto]), "epochs": epochs, "seed": seed,
+               "test": self.test_hash,
                "targets": {k: split_hash(v) for k, v in sorted(targets.items())}}
         key = hashlib.sha1(json.dumps(job, sort_keys=True).encode()).hexdigest()[:20]
         path = self.cache / "students" / f"{key}.json"
@@ -193,12 +291,14 @@ class Evaluator:
             self.reused += 1
             return common.read_json(path)
         t0 = time.time()
-        common.seed_everything(seed)  # weight initialisation
+        common.seed_everything(seed)  # the weight initialisation
         model = common.build_model(student, self.info).to(self.device)
-        common.fit(model, train.to(self.device), self.info, self.protocols[proto], epochs=epochs, seed=seed,
-                   teacher=self.teacher if proto == "soft" else None, ctx=self.ctx, desc=desc)
+        common.fit(model, train.to(self.device), self.info, self.proto[proto], epochs=epochs,
+                   seed=seed, teacher=self.teacher if proto == "soft" else None, ctx=self.ctx,
+                   desc=desc)
         out = {**job, "acc": common.accuracy(model, self.test, self.ctx),
-               "on": {k: common.accuracy(model, v.to(self.device), self.ctx) for k, v in targets.items()},
+               "on": {k: common.accuracy(model, v.to(self.device), self.ctx)
+                      for k, v in targets.items()},
                "train_size": len(train.y), "wall_s": time.time() - t0}
         common.write_json(path, out)
         self.trained += 1
@@ -207,38 +307,144 @@ class Evaluator:
         return out
 
     def row(self, kind, name, method, ipc, splits: list, student, proto, epochs, seeds) -> dict:
-        """Mean +- std over seeds; splits[k] is the training set of seed k (random draws differ per seed)."""
-        rs = [self.student(s, student, proto, epochs, seed, desc=f"{name} {student} {proto} seed {seed}")
+        """Mean +- std over seeds; splits[k] is seed k's training set (random draws differ)."""
+        rs = [self.student(s, student, proto, epochs, seed,
+                           desc=f"{name} {student} {proto} seed {seed}")
               for s, seed in zip(splits, seeds)]
         accs = [r["acc"] for r in rs]
-        return {"kind": kind, "set": name, "method": method, "ipc": ipc, "student": student, "protocol": proto,
-                "epochs": epochs, "seeds": list(seeds), "accs": accs, "mean": float(np.mean(accs)),
+        return {"kind": kind, "set": name, "method": method, "ipc": ipc, "student": student,
+                "protocol": proto, "epochs": epochs, "seeds": list(seeds), "accs": accs,
+                "mean": float(np.mean(accs)),
                 "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
                 "wall_s": sum(r["wall_s"] for r in rs)}
 
 
-def redundancy(ev: Evaluator, stages: list, student, proto, rule, seeds, name) -> dict:
-    """Cross-increment matrix M[a][b]: accuracy (%) of a student trained on increment a on increment b's images."""
-    targets = {f"T{b + 1}": s for b, s in enumerate(stages)}
+# ------------------------------------------------------------------------------------------
+# the evaluation's steps
+# ------------------------------------------------------------------------------------------
+
+
+def accuracy_rows(ev: Evaluation) -> list:
+    """Every (set or baseline) x student x protocol row, seeds as its mean +- std."""
+    rows, train, n = [], ev.train, len(ev.seeds)
+    ev.draws = {ipc: random_draws(train, ipc, n, ev.args.seed, ev.cache, ev.args.overwrite)
+                for ipc in ev.ipcs if "random" in ev.baselines or "diversity" in ev.analyses}
+    for student in tqdm(ev.students, desc="students", unit="model"):
+        if "full" in ev.baselines:
+            full_ipc = len(train.y) // ev.info.num_classes
+            rows += [ev.row("full", "full", "full", full_ipc, [train] * n, student, p,
+                            ev.full_epochs, ev.seeds) for p in ev.protocols]
+        if "random" in ev.baselines:
+            for ipc in ev.ipcs:
+                draws = [common.Split(train.x[d], train.y[d]) for d in ev.draws[ipc]]
+                rows += [ev.row("random", "random", "random", ipc, draws, student, p,
+                                ev.epochs(ipc), ev.seeds) for p in ev.used]
+        for s in ev.sets:
+            union = common.Split.cat(s["stages"])
+            for p in ev.protocols + ([s["own"]] if s["own"] not in ev.protocols else []):
+                rows.append(ev.row("set", s["name"], s["method"], s["ipc"], [union] * n, student,
+                                   p, ev.epochs(s["ipc"]), ev.seeds))
+    return rows
+
+
+def ddranking_scores(ev: Evaluation, rows: list) -> dict:
+    """HLR, IOR and LRS of every set with the first student (§7.5)."""
+    def mean_of(kind, name, proto, ipc=None):
+        hit = [r for r in rows if (r["kind"], r["set"], r["student"], r["protocol"]) ==
+               (kind, name, ev.students[0], proto) and (ipc is None or r["ipc"] == ipc)]
+        return hit[0]["mean"] / 100 if hit else None
+    dd = {}
+    for s in ev.sets:
+        vals = [mean_of("full", "full", "hard"), mean_of("set", s["name"], "hard"),
+                mean_of("set", s["name"], s["own"]), mean_of("random", "random", s["own"], s["ipc"])]
+        if None not in vals:
+            dd[s["name"]] = {**dd_ranking(*vals), "own_protocol": s["own"],
+                             "student": ev.students[0],
+                             "inputs": dict(zip(["full_hard", "syn_hard", "syn_own", "random_own"],
+                                                vals))}
+    return dd
+
+
+def redundancy(ev: Evaluation, s: dict, student, proto) -> dict:
+    """Cross-increment matrix M[a][b] (§7.6): accuracy (%) on increment b's images of a student
+    trained on increment a alone."""
+    stages, seeds = s["stages"], ev.analysis_seeds
+    targets = {f"T{b + 1}": st for b, st in enumerate(stages)}
     K = len(stages)
     M = np.zeros((K, K))
-    for a, s in enumerate(stages):
-        ipc = len(s.y) // ev.info.num_classes
+    for a, st in enumerate(stages):
         for seed in seeds:
-            r = ev.student(s, student, proto, epochs_for(ipc, rule), seed, targets,
-                           desc=f"{name} redundancy T{a + 1} seed {seed}")
+            r = ev.student(st, student, proto, ev.epochs(s["stage_ipcs"][a]), seed, targets,
+                           desc=f"{s['name']} redundancy T{a + 1} seed {seed}")
             M[a] += np.array([r["on"][f"T{b + 1}"] for b in range(K)]) / len(seeds)
     off = ~np.eye(K, dtype=bool)
     up, low = np.triu(off), np.tril(off)
-    return {"matrix": M.tolist(), "diagonal": float(M.diagonal().mean()), "off_diagonal": float(M[off].mean()),
+    return {"matrix": M.tolist(), "diagonal": float(M.diagonal().mean()),
+            "off_diagonal": float(M[off].mean()),
             "upper_train_earlier_test_later": float(M[up].mean()),
-            "lower_train_later_test_earlier": float(M[low].mean()), "student": student, "protocol": proto,
-            "seeds": list(seeds)}
+            "lower_train_later_test_earlier": float(M[low].mean()), "student": student,
+            "protocol": proto, "seeds": list(seeds)}
 
 
-# --------------------------------------------------------------------------------------
+def increment_analyses(ev: Evaluation) -> tuple:
+    """Per-stage accuracy (LGD Table 4) and redundancy (LGD Fig. 2) of each increment method's
+    largest set: its stages already give every smaller accumulated IPC."""
+    student, proto = ev.students[0], ev.protocols[0]
+    methods = None if ev.args.analysis_methods == "all" else \
+        comma_list(ev.args.analysis_methods, None, "--analysis-methods")
+    top = {m: max(x["ipc"] for x in ev.sets if x["method"] == m) for m in
+           {x["method"] for x in ev.sets}}
+    chosen = [s for s in ev.sets if len(s["stages"]) > 1 and s["ipc"] == top[s["method"]]
+              and (methods is None or s["method"] in methods)]
+    stages, red = {}, {}
+    for s in chosen:
+        if "stages" in ev.analyses:
+            points = []
+            for i in range(1, len(s["stages"]) + 1):
+                ipc_i = sum(s["stage_ipcs"][:i])
+                r = ev.row("stage", s["name"], s["method"], ipc_i,
+                           [common.Split.cat(s["stages"][:i])] * len(ev.analysis_seeds), student,
+                           proto, ev.epochs(ipc_i), ev.analysis_seeds)
+                points.append({"stage": i, **r})
+            stages[s["name"]] = {"student": student, "protocol": proto,
+                                 "seeds": ev.analysis_seeds, "points": points}
+        if "redundancy" in ev.analyses:
+            red[s["name"]] = redundancy(ev, s, student, proto)
+    # the relative reduction against the reference method's set of the same shape and IPC
+    by_name = {s["name"]: s for s in ev.sets}
+    for name, rd in red.items():
+        ref = [r for n, r in red.items() if n != name and len(r["matrix"]) == len(rd["matrix"])
+               and by_name[n]["method"] == ev.args.redundancy_ref
+               and by_name[n]["ipc"] == by_name[name]["ipc"]]
+        if ref:
+            rd["ref"] = ev.args.redundancy_ref
+            rd["reduction_vs_ref"] = (ref[0]["off_diagonal"] - rd["off_diagonal"]) / \
+                ref[0]["off_diagonal"]
+    return stages, red
+
+
+def diversity(ev: Evaluation) -> dict:
+    """Mean cosine to the class centroid in the teacher's features (§7.7; lower = more diverse)."""
+    if "diversity" not in ev.analyses:
+        return {}
+
+    def of(x, y):
+        f = common.features(ev.teacher, x.to(ev.device), ctx=ev.ctx)
+        per = common.centroid_cosine(f, y.to(ev.device), ev.info.num_classes)
+        return {"per_class": per, "mean": float(np.mean(per))}
+    out = {"full data": of(ev.train.x, ev.train.y)}
+    for ipc in ev.ipcs:
+        first = ev.draws[ipc][0]
+        out[f"random-ipc{ipc}"] = of(ev.train.x[first], ev.train.y[first])
+    for s in ev.sets:
+        union = common.Split.cat(s["stages"])
+        out[s["name"]] = of(union.x, union.y)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # reporting
-# --------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 
 
 def fmt(r: dict | None) -> str:
@@ -248,48 +454,56 @@ def fmt(r: dict | None) -> str:
 def write_markdown(path: Path, res: dict, sets: list):
     rows, cols = res["rows"], [(s, p) for s in res["students"] for p in res["protocols_used"]]
     find = {(r["kind"], r["set"], r["student"], r["protocol"], r["ipc"]): r for r in rows}
-    L = [f"# Evaluation `{res['name']}`: {res['dataset']}", "",
-         f"Final-epoch test accuracy (%), mean ± std over student seeds {res['seeds']}; epochs by IPC: "
-         f"rule `{res['epoch_rule']}` (see config.json); full data: {res['full_epochs']} epochs. "
-         f"Nothing selected on the test split. DD-Ranking scores as fractions ({res['students'][0]}).", ""]
+    lines = [f"# Evaluation `{res['name']}`: {res['dataset']}", "",
+             f"Final-epoch test accuracy (%), mean ± std over student seeds {res['seeds']}; "
+             f"epochs by IPC: rule `{res['epoch_rule']}` (see config.json); full data: "
+             f"{res['full_epochs']} epochs. Nothing selected on the test split. DD-Ranking "
+             f"scores as fractions ({res['students'][0]}).", ""]
     for ipc in sorted({r["ipc"] for r in rows if r["kind"] in ("set", "random")}):
-        L += [f"## IPC {ipc}", "", "| set | method | " + " | ".join(f"{s} {p}" for s, p in cols)
-              + " | HLR | IOR | LRS | own |", "|---" * (len(cols) + 6) + "|"]
-        lines = [("full", "full data", "full", None), ("random", f"random (IPC {ipc})", "random", ipc)]
-        lines += [("set", s["name"], s["method"], ipc) for s in sets if s["ipc"] == ipc]
-        for kind, name, method, i in lines:
-            found = [find.get((kind, name if kind == "set" else kind, s, p, i if i else res["full_ipc"]))
-                     for s, p in cols]
+        lines += [f"## IPC {ipc}", "", "| set | method | " +
+                  " | ".join(f"{s} {p}" for s, p in cols) + " | HLR | IOR | LRS | own |",
+                  "|---" * (len(cols) + 6) + "|"]
+        entries = [("full", "full data", "full", None),
+                   ("random", f"random (IPC {ipc})", "random", ipc)]
+        entries += [("set", s["name"], s["method"], ipc) for s in sets if s["ipc"] == ipc]
+        for kind, name, method, i in entries:
+            found = [find.get((kind, name if kind == "set" else kind, s, p,
+                               i if i else res["full_ipc"])) for s, p in cols]
             if not any(found):  # a baseline left out with --baselines
                 continue
-            cells = [fmt(r) for r in found]
             dd = res["ddranking"].get(name) if kind == "set" else None
-            dd_cells = [f"{dd[k]:+.4f}" if k != "lrs" else f"{dd[k]:.4f}" for k in ("hlr", "ior", "lrs")] + \
-                [dd["own_protocol"]] if dd else ["", "", "", ""]
-            L.append(f"| {name} | {method} | " + " | ".join(cells + dd_cells) + " |")
-        L.append("")
+            dd_cells = [f"{dd[k]:+.4f}" if k != "lrs" else f"{dd[k]:.4f}"
+                        for k in ("hlr", "ior", "lrs")] + [dd["own_protocol"]] if dd else [""] * 4
+            lines.append(f"| {name} | {method} | " + " | ".join([fmt(r) for r in found] + dd_cells)
+                         + " |")
+        lines.append("")
     if res["stages"]:
-        L += ["## Accuracy vs accumulated IPC (LGD Table 4)", ""]
+        lines += ["## Accuracy vs accumulated IPC (LGD Table 4)", ""]
         for name, st in res["stages"].items():
-            L.append(f"- `{name}` ({st['student']}, {st['protocol']}, seeds {st['seeds']}): " +
-                     ", ".join(f"IPC {p['ipc']}: {fmt(p)}" for p in st["points"]))
-        L.append("")
+            lines.append(f"- `{name}` ({st['student']}, {st['protocol']}, seeds {st['seeds']}): "
+                         + ", ".join(f"IPC {p['ipc']}: {fmt(p)}" for p in st["points"]))
+        lines.append("")
     for name, rd in res["redundancy"].items():
         K = len(rd["matrix"])
-        L += [f"## Redundancy `{name}` (row: student trained on increment a; column: accuracy on increment b)", "",
-              "| a \\ b | " + " | ".join(f"T{b + 1}" for b in range(K)) + " |", "|---" * (K + 1) + "|"]
-        L += [f"| T{a + 1} | " + " | ".join(f"{v:.1f}" for v in row) + " |" for a, row in enumerate(rd["matrix"])]
+        lines += [f"## Redundancy `{name}` (row: student trained on increment a; column: "
+                  f"accuracy on increment b)", "",
+                  "| a \\ b | " + " | ".join(f"T{b + 1}" for b in range(K)) + " |",
+                  "|---" * (K + 1) + "|"]
+        lines += [f"| T{a + 1} | " + " | ".join(f"{v:.1f}" for v in row) + " |"
+                  for a, row in enumerate(rd["matrix"])]
         red = rd.get("reduction_vs_ref")
-        L += ["", f"mean off-diagonal {rd['off_diagonal']:.2f} %; upper (earlier on later) "
-              f"{rd['upper_train_earlier_test_later']:.2f} %, lower (later on earlier) "
-              f"{rd['lower_train_later_test_earlier']:.2f} %; diagonal {rd['diagonal']:.2f} %"
-              + (f"; reduction vs `{rd['ref']}`: {100 * red:.1f} %" if red is not None else ""), ""]
+        lines += ["", f"mean off-diagonal {rd['off_diagonal']:.2f} %; upper (earlier on later) "
+                  f"{rd['upper_train_earlier_test_later']:.2f} %, lower (later on earlier) "
+                  f"{rd['lower_train_later_test_earlier']:.2f} %; diagonal {rd['diagonal']:.2f} %"
+                  + (f"; reduction vs `{rd['ref']}`: {100 * red:.1f} %" if red is not None
+                     else ""), ""]
     if res["diversity"]:
-        L += ["## Diversity: mean cosine to the class centroid, teacher penultimate features (lower = more diverse)",
-              "", "| set | mean | per class |", "|---|---|---|"]
-        L += [f"| {k} | {d['mean']:.4f} | {' '.join(f'{v:.3f}' for v in d['per_class'])} |"
-              for k, d in res["diversity"].items()]
-    path.write_text("\n".join(L) + "\n")
+        lines += ["## Diversity: mean cosine to the class centroid, teacher penultimate "
+                  "features (lower = more diverse)", "", "| set | mean | per class |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {d['mean']:.4f} | {' '.join(f'{v:.3f}' for v in d['per_class'])} |"
+                  for k, d in res["diversity"].items()]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def write_plots(out: Path, res: dict):
@@ -300,12 +514,14 @@ def write_plots(out: Path, res: dict):
     for name, st in res["stages"].items():
         ax.errorbar([p["ipc"] for p in st["points"]], [p["mean"] for p in st["points"]],
                     [p["std"] for p in st["points"]], marker="o", capsize=3, label=name)
-    main = [r for r in res["rows"] if r["student"] == res["students"][0] and r["protocol"] == res["protocols_used"][0]]
-    for kind, mk in (("set", "s"), ("random", "x")):
-        pts = sorted((r["ipc"], r["mean"], r["std"]) for r in main if r["kind"] == kind)
+    first = [r for r in res["rows"] if r["student"] == res["students"][0]
+             and r["protocol"] == res["protocols_used"][0]]
+    for kind, marker in (("set", "s"), ("random", "x")):
+        pts = sorted((r["ipc"], r["mean"], r["std"]) for r in first if r["kind"] == kind)
         if pts:
-            ax.errorbar(*zip(*pts), fmt=mk, capsize=3, label="distilled (final)" if kind == "set" else "random real")
-    for r in main:
+            ax.errorbar(*zip(*pts), fmt=marker, capsize=3,
+                        label="distilled (final)" if kind == "set" else "random real")
+    for r in first:
         if r["kind"] == "full":
             ax.axhline(r["mean"], ls="--", c="k", label="full data")
     ax.set(xlabel="images per class", ylabel="test accuracy (%)", title="accuracy vs IPC")
@@ -313,25 +529,22 @@ def write_plots(out: Path, res: dict):
     fig.tight_layout()
     fig.savefig(out / "acc_vs_ipc.png", dpi=120)
     plt.close(fig)
-    for name, rd in res["redundancy"].items():
-        M = np.array(rd["matrix"])
-        fig, ax = plt.subplots(figsize=(4, 3.5))
-        im = ax.imshow(M, vmin=0, vmax=100, cmap="viridis")
-        for (a, b), v in np.ndenumerate(M):
-            ax.text(b, a, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k", fontsize=8)
-        ax.set(xticks=range(len(M)), yticks=range(len(M)), xticklabels=[f"T{i + 1}" for i in range(len(M))],
-               yticklabels=[f"T{i + 1}" for i in range(len(M))], xlabel="test increment", ylabel="train increment",
-               title=f"{name}: off-diag {rd['off_diagonal']:.1f} %")
-        fig.colorbar(im)
+    if res["redundancy"]:  # LGD Fig. 1-2: one heatmap per set, side by side
+        k = len(res["redundancy"])
+        fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.4), squeeze=False)
+        for ax, (name, rd) in zip(axes[0], res["redundancy"].items()):
+            heatmap(ax, rd["matrix"], f"{name}\noff-diagonal {rd['off_diagonal']:.1f} %")
         fig.tight_layout()
-        fig.savefig(out / f"redundancy_{name}.png", dpi=120)
+        fig.savefig(out / "redundancy.png", dpi=120)
         plt.close(fig)
     if res["diversity"]:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         k = len(res["diversity"])
         for i, (name, d) in enumerate(res["diversity"].items()):
-            ax.bar(np.arange(len(d["per_class"])) + (i - k / 2 + 0.5) * 0.8 / k, d["per_class"], 0.8 / k, label=name)
-        ax.set(xlabel="class", ylabel="mean cosine to centroid", title="intra-class similarity (lower = more diverse)")
+            ax.bar(np.arange(len(d["per_class"])) + (i - k / 2 + 0.5) * 0.8 / k, d["per_class"],
+                   0.8 / k, label=name)
+        ax.set(xlabel="class", ylabel="mean cosine to centroid",
+               title="intra-class similarity (lower = more diverse)")
         ax.set_ylim(bottom=min(min(d["per_class"]) for d in res["diversity"].values()) - 0.05)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -339,175 +552,62 @@ def write_plots(out: Path, res: dict):
         plt.close(fig)
 
 
+def heatmap(ax, matrix, title: str):
+    """A redundancy matrix: row a trained on increment a, column b tested on increment b."""
+    M = np.array(matrix)
+    ax.imshow(M, vmin=0, vmax=100, cmap="viridis")
+    for (a, b), v in np.ndenumerate(M):
+        ax.text(b, a, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k",
+                fontsize=8)
+    ticks = [f"T{i + 1}" for i in range(len(M))]
+    ax.set(xticks=range(len(M)), yticks=range(len(M)), xticklabels=ticks, yticklabels=ticks,
+           xlabel="test increment", ylabel="train increment", title=title)
+
+
 def write_csv(path: Path, rows: list):
-    keys = ["kind", "set", "method", "ipc", "student", "protocol", "epochs", "mean", "std", "n", "accs", "seeds"]
+    keys = ["kind", "set", "method", "ipc", "student", "protocol", "epochs", "mean", "std", "n",
+            "accs", "seeds"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, keys)
         w.writeheader()
         for r in rows:
             w.writerow({**{k: r[k] for k in keys if k in r}, "n": len(r["accs"]),
-                        "accs": ";".join(f"{a:.2f}" for a in r["accs"]), "seeds": ";".join(map(str, r["seeds"]))})
-
-
-# --------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------
+                        "accs": ";".join(f"{a:.2f}" for a in r["accs"]),
+                        "seeds": ";".join(map(str, r["seeds"]))})
 
 
 def main():
     args = parse_args()
     device, ctx = common.setup_device(args.device, args.amp)
     t_start = time.time()
-    # every input is checked before anything is written
-    if not (args.run / "dataset.json").exists():
-        raise common.UserError(f"{args.run} has no dataset.json; run 01_train_teacher.py --run {args.run} first")
-    info = common.DatasetInfo.from_dict(common.read_json(args.run / "dataset.json"))
-    students = comma_list(args.students, None, "--students")
-    for s in students:
-        common.check_model(s, info)
-    protocols = comma_list(args.protocols, PROTOCOLS, "--protocols")
-    baselines = comma_list(args.baselines, BASELINES, "--baselines")
-    analyses = comma_list(args.analyses, ANALYSES, "--analyses")
-    if not students or not protocols:
-        raise common.UserError("--students and --protocols each need at least one entry")
-    rule = {"auto": "small" if info.name == "mnist5k" else "paper"}.get(args.epochs, args.epochs)
-    if rule not in ("paper", "small") and not (rule.isdigit() and int(rule) > 0):
-        raise common.UserError(f"--epochs must be paper, small, auto or a positive number, got {args.epochs!r}")
-    tcfg = args.run / "teacher" / "config.json"
-    if args.full_epochs == "teacher":
-        if not tcfg.exists():
-            raise common.UserError(f"{tcfg} is missing; run 01 first or give --full-epochs a number")
-        full_epochs = common.read_json(tcfg)["args"]["epochs"]
-    elif args.full_epochs.isdigit() and int(args.full_epochs) > 0:
-        full_epochs = int(args.full_epochs)
-    else:
-        raise common.UserError(f"--full-epochs must be 'teacher' or a positive number, got {args.full_epochs!r}")
-    teacher = common.load_classifier(args.run / "teacher" / "teacher.pt", info, device)
-    folders = args.sets or sorted(d for d in (args.run / "distilled").glob("*") if d.is_dir())
-    sets = [read_set(Path(f), info) for f in folders]
-    names = [s["name"] for s in sets]
-    if len(set(names)) != len(names):
-        raise common.UserError(f"two distilled folders share the name {max(names, key=names.count)!r}; "
-                          f"evaluate them in separate --name evaluations")
-    soft_methods = comma_list(args.soft_methods, None, "--soft-methods")
-    for s in sets:
-        s["own"] = "soft" if s["method"] in soft_methods else "hard"
-    if not sets:
-        print(f"no distilled sets under {args.run}/distilled yet: evaluating the baselines only")
-    ipcs = sorted({s["ipc"] for s in sets}) if sets else \
-        sorted({int(x) for x in comma_list(args.baseline_ipcs, None, "--baseline-ipcs")})
-    _, train, test = common.load_dataset(info.name, Path(info.root) if info.root else None, info.size)
-    seeds = [args.seed + k for k in range(args.seeds)]
-    ana_seeds = [args.seed + k for k in range(args.analysis_seeds)]  # the first of them reuse the main results
-    proto_kw = dict(lr=args.lr, wd=args.wd, batch_size=args.batch_size, cutmix_beta=args.cutmix_beta,
-                    cutmix_p=args.cutmix_p, crop_scale=args.crop_scale, tau=args.tau)
-    protos = {p: common.Protocol(p, **proto_kw) for p in PROTOCOLS}
-    used = protocols + sorted({s["own"] for s in sets} - set(protocols))
-
-    out = args.run / "eval" / args.name
-    cargs = {k: v for k, v in vars(args).items() if k not in ("overwrite", "device", "amp")}
-    cargs["sets"] = [str(f) for f in folders]
-    common.prepare_folder(out, cargs, args.overwrite, "evaluation")
-    derived = {"epoch_rule": rule, "epochs_by_ipc": {i: epochs_for(i, rule) for i in ipcs},
-               "paper_rule": PAPER_EPOCHS, "small_rule": SMALL_EPOCHS, "full_epochs": full_epochs,
-               "seeds": seeds, "analysis_seeds": ana_seeds, "protocols": {p: asdict(protos[p]) for p in used},
-               "own_protocol": {s["name"]: s["own"] for s in sets}, "ipcs": ipcs}
-    common.write_config(out, cargs, derived, device)
-    print(f"03: {len(sets)} set(s) {names}, students {students}, protocols {used}, seeds {seeds}, epoch rule "
-          f"{rule} ({derived['epochs_by_ipc']}), full data {full_epochs} epochs, {device}")
-
-    cache = args.run / "eval" / "cache"
-    test = test.to(device)
-    ev = Evaluator(args, info, test, teacher, protos, device, ctx, cache)
-    rows, draws = [], {}
-    for ipc in ipcs:
-        if "random" in baselines or "diversity" in analyses:
-            draws[ipc] = random_draws(train, ipc, len(seeds), args.seed, cache, args.overwrite)
-    for student in tqdm(students, desc="students"):
-        if "full" in baselines:
-            for p in protocols:
-                rows.append(ev.row("full", "full", "full", len(train.y) // info.num_classes, [train] * len(seeds),
-                                   student, p, full_epochs, seeds))
-        for ipc in ipcs:
-            if "random" in baselines:
-                for p in used:
-                    rows.append(ev.row("random", "random", "random", ipc,
-                                       [common.Split(train.x[d], train.y[d]) for d in draws[ipc]], student, p,
-                                       epochs_for(ipc, rule), seeds))
-        for s in sets:
-            for p in protocols + ([s["own"]] if s["own"] not in protocols else []):
-                rows.append(ev.row("set", s["name"], s["method"], s["ipc"], [common.Split.cat(s["stages"])] * len(seeds),
-                                   student, p, epochs_for(s["ipc"], rule), seeds))
-
-    def mean_of(kind, name, student, proto, ipc=None):
-        hit = [r for r in rows if (r["kind"], r["set"], r["student"], r["protocol"]) == (kind, name, student, proto)
-               and (ipc is None or r["ipc"] == ipc)]
-        return hit[0]["mean"] / 100 if hit else None
-
-    dd = {}
-    for s in sets:
-        st = students[0]
-        vals = [mean_of("full", "full", st, "hard"), mean_of("set", s["name"], st, "hard"),
-                mean_of("set", s["name"], st, s["own"]), mean_of("random", "random", st, s["own"], s["ipc"])]
-        if None not in vals:
-            dd[s["name"]] = {**dd_ranking(*vals), "own_protocol": s["own"], "student": st,
-                             "inputs": dict(zip(["full_hard", "syn_hard", "syn_own", "random_own"], vals))}
-
-    stages_res, red = {}, {}
-    st, p0 = students[0], protocols[0]
-    ana_methods = None if args.analysis_methods == "all" else comma_list(args.analysis_methods, None,
-                                                                           "--analysis-methods")
-    # per method, only its largest set: its stages already give every smaller accumulated IPC
-    top = {m: max(x["ipc"] for x in sets if x["method"] == m) for m in {x["method"] for x in sets}}
-    for s in [s for s in sets if len(s["stages"]) > 1 and (ana_methods is None or s["method"] in ana_methods)
-              and s["ipc"] == top[s["method"]]]:
-        if "stages" in analyses:
-            pts = []
-            for i in range(1, len(s["stages"]) + 1):
-                ipc_i = sum(s["stage_ipcs"][:i])
-                r = ev.row("stage", s["name"], s["method"], ipc_i, [common.Split.cat(s["stages"][:i])] * len(ana_seeds), st, p0,
-                           epochs_for(ipc_i, rule), ana_seeds)
-                pts.append({"stage": i, **r})
-            stages_res[s["name"]] = {"student": st, "protocol": p0, "seeds": ana_seeds, "points": pts}
-        if "redundancy" in analyses:
-            red[s["name"]] = redundancy(ev, s["stages"], st, p0, rule, ana_seeds, s["name"])
-    for name, rd in red.items():
-        s = next(x for x in sets if x["name"] == name)
-        ref = [r for n, r in red.items() if n != name and next(x for x in sets if x["name"] == n)["method"]
-               == args.redundancy_ref and len(r["matrix"]) == len(rd["matrix"])
-               and next(x for x in sets if x["name"] == n)["ipc"] == s["ipc"]]
-        if ref:
-            rd["ref"] = args.redundancy_ref
-            rd["reduction_vs_ref"] = (ref[0]["off_diagonal"] - rd["off_diagonal"]) / ref[0]["off_diagonal"]
-
-    div = {}
-    if "diversity" in analyses:
-        def diversity(x, y):
-            per = common.centroid_cosine(common.features(teacher, x.to(device), ctx=ctx), y.to(device), info.num_classes)
-            return {"per_class": per, "mean": float(np.mean(per))}
-        div["full data"] = diversity(train.x, train.y)
-        for ipc in ipcs:
-            div[f"random-ipc{ipc}"] = diversity(train.x[draws[ipc][0]], train.y[draws[ipc][0]])
-        for s in sets:
-            u = common.Split.cat(s["stages"])
-            div[s["name"]] = diversity(u.x, u.y)
-
-    res = {"name": args.name, "dataset": info.name, "students": students, "protocols": protocols,
-           "protocols_used": used, "protocol_settings": {p: asdict(protos[p]) for p in used}, "seeds": seeds,
-           "epoch_rule": rule, "full_epochs": full_epochs, "full_ipc": len(train.y) // info.num_classes,
-           "selection": "none: fixed epochs and learning rate, final-epoch accuracy on the test split",
-           "rows": rows, "ddranking": dd, "stages": stages_res, "redundancy": red, "diversity": div,
-           "sets": [{k: s[k] for k in ("name", "folder", "method", "ipc", "stage_ipcs", "own")} for s in sets],
-           "teacher_test_acc": common.read_json(args.run / "teacher" / "metrics.json")["test_acc"]
-           if (args.run / "teacher" / "metrics.json").exists() else None,
-           "versions": common.versions(), "git_commit": common.git_commit(), "device": str(device),
-           "students_trained": ev.trained, "students_reused": ev.reused, "wall_s": time.time() - t_start}
-    write_csv(out / "results.csv", [r for r in rows] + [p for v in stages_res.values() for p in v["points"]])
-    write_markdown(out / "results.md", res, sets)
-    write_plots(out, res)
-    common.write_json(out / "results.json", res)  # last: its presence means the evaluation finished
-    print(f"03 done in {time.time() - t_start:.0f} s: {ev.trained} students trained, {ev.reused} reused; "
-          f"results in {out}")
+    ev = Evaluation(args, device, ctx)  # every input checked before anything is written
+    if not ev.sets:
+        print(f"no distilled sets under {ev.run}/distilled yet: evaluating the baselines only")
+    ev.start()
+    rows = accuracy_rows(ev)
+    stages, red = increment_analyses(ev)
+    info, metrics = ev.info, ev.run / "teacher" / "metrics.json"
+    res = {"name": args.name, "dataset": info.name, "students": ev.students,
+           "protocols": ev.protocols, "protocols_used": ev.used,
+           "protocol_settings": {p: asdict(ev.proto[p]) for p in ev.used}, "seeds": ev.seeds,
+           "epoch_rule": ev.rule, "full_epochs": ev.full_epochs,
+           "full_ipc": len(ev.train.y) // info.num_classes,
+           "selection": "none: fixed epochs and learning rate, final-epoch accuracy on the test "
+                        "split",
+           "rows": rows, "ddranking": ddranking_scores(ev, rows), "stages": stages,
+           "redundancy": red, "diversity": diversity(ev),
+           "sets": [{k: s[k] for k in ("name", "folder", "method", "ipc", "stage_ipcs", "own")}
+                    for s in ev.sets],
+           "teacher_test_acc": common.read_json(metrics)["test_acc"] if metrics.exists() else None,
+           "versions": common.versions(), "git_commit": common.git_commit(),
+           "device": str(device), "students_trained": ev.trained,
+           "students_reused": ev.reused, "wall_s": time.time() - t_start}
+    write_csv(ev.out / "results.csv", rows + [p for v in stages.values() for p in v["points"]])
+    write_markdown(ev.out / "results.md", res, ev.sets)
+    write_plots(ev.out, res)
+    common.write_json(ev.out / "results.json", res)  # last: the evaluation is finished
+    print(f"03 done in {time.time() - t_start:.0f} s: {ev.trained} students trained, "
+          f"{ev.reused} reused; results in {ev.out}")
 
 
 if __name__ == "__main__":

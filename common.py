@@ -775,6 +775,21 @@ class BNMatch:
 # ==========================================================================================
 
 
+# Student epochs by IPC as (upper IPC bound, epochs); beyond the last bound the last value holds.
+PAPER_EPOCHS = ((10, 2000), (50, 1500), (200, 1000))  # §7.1: the IDC/Minimax/IGD/LGD tables
+# small: the embedded digits on 2 CPU cores, where one method at IPC 50 with 3 seeds must take
+# under 5 minutes (README: 03 benchmark)
+SMALL_EPOCHS = ((10, 80), (50, 40), (200, 30))
+
+
+def epochs_for(ipc: int, rule: str) -> int:
+    """Epochs for a training set of `ipc` images per class: rule 'paper', 'small' or a number."""
+    if rule.isdigit():
+        return int(rule)
+    table = PAPER_EPOCHS if rule == "paper" else SMALL_EPOCHS
+    return next((e for bound, e in table if ipc <= bound), table[-1][1])
+
+
 @dataclass(frozen=True)
 class Protocol:
     """How a classifier is trained (§7.1): optimiser, schedule, augmentation, labels.

@@ -85,7 +85,8 @@ def write_set(folder: Path, split: common.Split, info: common.DatasetInfo, metho
         start += ipc
         common.write_json(d / "manifest.json", {"stage": k + 1, "ipc": ipc})
     common.write_json(folder / "config.json", {"args": {"method": method, "ipc": sum(stage_ipcs),
-                                                   "stages": len(stage_ipcs), "seed": seed}})
+                                                        "stages": len(stage_ipcs), "seed": seed,
+                                                        "run": str(folder.parent.parent)}})
     return folder
 
 

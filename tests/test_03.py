@@ -1,19 +1,13 @@
 """03_evaluate.py: deterministic students, random baseline, DD-Ranking, redundancy, end to end, bad input."""
-import importlib.util
 import json
 import math
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import common
-from conftest import ROOT, assert_user_error, run_script, write_set
-
-spec = importlib.util.spec_from_file_location("evaluate03", ROOT / "03_evaluate.py")
-E = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(E)
+from conftest import assert_user_error, run_script, write_set
 
 TINY = ["--students", "convnet-1", "--seeds", "2", "--epochs", "2", "--full-epochs", "1", "--batch-size", "500"]
 
@@ -32,6 +26,7 @@ def run(tmp_path, data):
     torch.manual_seed(0)
     common.save_classifier(run / "teacher" / "teacher.pt", common.build_model("convnet-1-bn", info), "convnet-1-bn", info)
     common.write_json(run / "teacher" / "config.json", {"args": {"epochs": 1}})
+    common.write_json(run / "teacher" / "metrics.json", {"test_acc": 10.0})  # a finished teacher
     return run
 
 
@@ -76,46 +71,41 @@ def test_soft_protocol_needs_and_uses_teacher(data):
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # frozen, BN stats too
 
 
-def test_random_draws_balanced_disjoint_cached(tmp_path, data):
+def test_class_permutations_give_balanced_disjoint_seeded_blocks(data):
+    """The blocks 02's random stages and 03's random draws take: balanced, disjoint, seeded."""
     info, train, _ = data
-    draws = E.random_draws(train, 7, 3, seed=5, cache=tmp_path, refresh=False)
+    perms = common.class_permutations(train.y, 10, seed=5)
+    draws = [torch.cat([p[k * 7:(k + 1) * 7] for p in perms]) for k in range(3)]
     for d in draws:
         assert torch.bincount(train.y[d], minlength=10).tolist() == [7] * 10
-    assert len(set(torch.cat(draws).tolist())) == 3 * 70  # disjoint across draws
-    assert (tmp_path / "random_ipc7_seed5.json").exists()
-    again = E.random_draws(train, 7, 2, seed=5, cache=tmp_path, refresh=False)
-    assert all(torch.equal(a, b) for a, b in zip(again, draws))
-    other = E.random_draws(train, 7, 1, seed=6, cache=tmp_path, refresh=False)
-    assert not torch.equal(other[0], draws[0])
-    with pytest.raises(common.UserError, match="lower --seeds"):
-        E.random_draws(train, 300, 2, seed=5, cache=tmp_path, refresh=False)
-
-
-def test_lrs_hand_computed():
-    d = E.dd_ranking(full_hard=0.99, syn_hard=0.90, syn_own=0.93, rand_own=0.85)
-    assert d["hlr"] == pytest.approx(0.09) and d["ior"] == pytest.approx(0.08)
-    # alpha = (0.08 - 0.09) / 2 = -0.005; (e^-0.005 - e^-1) / (e - e^-1) = (0.995012 - 0.367879) / 2.350402
-    assert d["lrs"] == pytest.approx(0.266820, abs=1e-6)
-    assert E.dd_ranking(0.9, 0.9, 0.9, 0.9)["lrs"] == pytest.approx((1 - math.exp(-1)) / (math.e - math.exp(-1)))
+    assert len(set(torch.cat(draws).tolist())) == 3 * 70  # disjoint across blocks
+    again = common.class_permutations(train.y, 10, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(again, perms))
+    other = common.class_permutations(train.y, 10, seed=6)
+    assert not torch.equal(other[0], perms[0])
 
 
 def test_epoch_rules():
-    assert [E.epochs_for(i, "paper") for i in (1, 10, 11, 50, 100, 500)] == [2000, 2000, 1500, 1500, 1000, 1000]
-    assert [E.epochs_for(i, "small") for i in (10, 50, 200)] == [80, 40, 30]
-    assert E.epochs_for(50, "7") == 7
+    assert [common.epochs_for(i, "paper") for i in (1, 10, 11, 50, 100, 500)] == \
+        [2000, 2000, 1500, 1500, 1000, 1000]
+    assert [common.epochs_for(i, "small") for i in (10, 50, 200)] == [80, 40, 30]
+    assert common.epochs_for(50, "7") == 7
 
 
-def test_redundancy_of_a_set_with_itself(tmp_path, run, data):
-    """Every increment holds the same images: each row is constant, the diagonal is the training accuracy."""
-    info, train, test = data
-    stages = common.read_stages(write_set(tmp_path / "same", train, info, "dit", [2, 2, 2], repeat_first=True), info)
-    ev = E.Evaluator(SimpleNamespace(overwrite=False), info, test, None,
-                     {"hard": common.Protocol("hard", batch_size=32)}, torch.device("cpu"), common.nullcontext(), tmp_path)
-    rd = E.redundancy(ev, stages, "convnet-1", "hard", "40", [0], "same")
-    M = torch.tensor(rd["matrix"])
+def test_redundancy_of_a_set_with_itself(run, data):
+    """Every increment holds the same images: each row is constant, the diagonal is the
+    training accuracy."""
+    info, train, _ = data
+    write_set(run / "distilled" / "dit-ipc6", train, info, "dit", [2, 2, 2], repeat_first=True)
+    run_script("03_evaluate.py", "--run", run, "--students", "convnet-1", "--seeds", "1",
+               "--epochs", "40", "--batch-size", "32", "--baselines", "none",
+               "--analyses", "redundancy")
+    rd = json.loads((run / "eval" / "default" / "results.json").read_text())["redundancy"]
+    M = torch.tensor(rd["dit-ipc6"]["matrix"])
     assert M.shape == (3, 3)
     assert torch.equal(M, M[:, :1].expand(3, 3))  # same images, same accuracy in every column
-    assert rd["diagonal"] == rd["off_diagonal"] and rd["diagonal"] >= 90  # fits its 20 training images
+    d = rd["dit-ipc6"]
+    assert d["diagonal"] == d["off_diagonal"] and d["diagonal"] >= 90  # fits its 20 images
 
 
 def test_end_to_end_writes_all_outputs(run, data):
@@ -126,14 +116,21 @@ def test_end_to_end_writes_all_outputs(run, data):
     p = run_script("03_evaluate.py", "--run", run, *TINY)
     out = run / "eval" / "default"
     for f in ("config.json", "results.json", "results.csv", "results.md", "acc_vs_ipc.png", "diversity.png",
-              "redundancy_dit-ipc4.png", "redundancy_lgd-ipc4.png"):
+              "redundancy.png"):
         assert (out / f).exists(), f
+    assert (run / "eval" / "cache" / "random_ipc4_seed0.json").exists()
     res = json.loads((out / "results.json").read_text())
     kinds = {(r["kind"], r["set"], r["protocol"]) for r in res["rows"]}
     assert {("full", "full", "hard"), ("random", "random", "hard"), ("random", "random", "soft"),
             ("set", "dit-ipc4", "hard"), ("set", "delt-ipc4", "soft")} <= kinds
     assert all(len(r["accs"]) == 2 and r["seeds"] == [0, 1] for r in res["rows"] if r["kind"] != "stage")
     assert res["ddranking"]["delt-ipc4"]["own_protocol"] == "soft" and "lrs" in res["ddranking"]["dit-ipc4"]
+    for dd in res["ddranking"].values():  # HLR, IOR and LRS as DD-Ranking defines them
+        i = dd["inputs"]
+        assert dd["hlr"] == pytest.approx(i["full_hard"] - i["syn_hard"])
+        assert dd["ior"] == pytest.approx(i["syn_own"] - i["random_own"])
+        alpha = (dd["ior"] - dd["hlr"]) / 2
+        assert dd["lrs"] == pytest.approx((math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1)))
     assert len(res["redundancy"]["lgd-ipc4"]["matrix"]) == 2 and "reduction_vs_ref" in res["redundancy"]["lgd-ipc4"]
     assert [p["ipc"] for p in res["stages"]["lgd-ipc4"]["points"]] == [2, 4]
     assert "delt-ipc4" not in res["stages"] and "delt-ipc4" not in res["redundancy"]  # join rounds, no increments
@@ -145,6 +142,9 @@ def test_end_to_end_writes_all_outputs(run, data):
     assert " 0 students trained" in p2.stdout, p2.stdout[-500:]
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
     assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, "--seeds", "3", check=False), "--overwrite")
+    # the run is read from the sets' config.json when --run is not given
+    p3 = run_script("03_evaluate.py", run / "distilled" / "dit-ipc4", *TINY, "--name", "one")
+    assert (run / "eval" / "one" / "results.json").exists(), p3.stdout[-300:]
 
 
 def _bad_folder(kind, folder, info):
@@ -177,7 +177,8 @@ def test_bad_folder(kind, fragment, run, data):
 
 @pytest.mark.parametrize("flags,fragment", [(["--students", "convnet-1,vgg99"], "unknown model 'vgg99'"),
                                             (["--protocols", "hard,fuzzy"], "unknown --protocols value 'fuzzy'"),
-                                            (["--epochs", "many"], "--epochs must be")])
+                                            (["--epochs", "many"], "--epochs must be"),
+                                            (["--seeds", "300"], "lower --seeds")])
 def test_bad_flags(flags, fragment, run, data):
     info, train, _ = data
     write_set(run / "distilled" / "dit-ipc2", train, info, "dit", [1, 1])
