@@ -486,31 +486,6 @@ def delt_crop_min(t: int, total: int) -> float:
     return 0.08 + 0.92 * (1 + math.cos(math.pi * t / total)) / 2
 
 
-def delt_augment(x: torch.Tensor, s_min: float, gen: torch.Generator, per_sample: bool,
-                 flip: bool):
-    """RandomResizedCrop (area in [s_min, 1], aspect in [3/4, 4/3]) resized back, then a flip.
-
-    One box and flip for the batch (DELT's code) or one per image. Boxes are continuous and the
-    aspect is clamped to where a box of the drawn area fits (torchvision redraws instead), so
-    s_min = 1 is the identity. Differentiable in x; (B, C, H, W) -> (B, C, H, W).
-    """
-    B, _, H, W = x.shape
-    m, a = (B if per_sample else 1), W / H
-    area = s_min + (1 - s_min) * torch.rand(m, generator=gen)
-    lo, hi = math.log(3 / 4), math.log(4 / 3)
-    r = (lo + (hi - lo) * torch.rand(m, generator=gen)).exp()
-    r = torch.minimum(torch.maximum(r, area * a), a / area)  # w, h below both <= 1
-    w, h = (area * r / a).sqrt(), (area * a / r).sqrt()  # box size, fractions of the image
-    cx = (1 - w) * (2 * torch.rand(m, generator=gen) - 1)  # box centre in [-1, 1] coordinates
-    cy = (1 - h) * (2 * torch.rand(m, generator=gen) - 1)
-    sx = w * torch.where(torch.rand(m, generator=gen) < 0.5, -1.0, 1.0) if flip else w
-    theta = torch.zeros(m, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
-    grid = F.affine_grid(theta.to(x).expand(B, 2, 3), [B, *x.shape[1:]],
-                         align_corners=False)  # (B, H, W, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 @torch.no_grad()
 def true_class_prob(model, x, y, ctx) -> torch.Tensor:
     """Softmax probability of the label, (N,), for uint8 or [0, 1] float images."""
@@ -562,8 +537,9 @@ def delt_optimise(job: Job, classes: list, ranks, seed: int) -> dict:
             for g in opt.param_groups:  # global cosine, no warm-up
                 g["lr"] = 0.5 * s["lr"] * (1 + math.cos(math.pi * t / T))
             active = (join <= t).nonzero().squeeze(1)  # the groups that have joined
-            xa = delt_augment(z[active] * std + mean, delt_crop_min(t, T), gen,
-                              s["per_sample_aug"], info.flip)
+            xa = common.random_resized_crop(z[active] * std + mean, (delt_crop_min(t, T), 1.0),
+                                            gen=gen, per_sample=s["per_sample_aug"],
+                                            flip=info.flip)  # (active, C, H, W)
             with job.ctx:
                 logits = teacher(xa)
             loss_ce, loss_bn = F.cross_entropy(logits.float(), y[active]), bn.loss()
@@ -602,7 +578,7 @@ def delt_run(job: Job) -> list:
     files = [state / f"batch_{b:04d}.pt" for b in range(len(batches))]
     todo = [b for b, f in enumerate(files) if not f.exists()]
     if len(todo) < len(files):
-        tqdm.write(f"delt: resuming, {len(files) - len(todo)} of {len(files)} batches done")
+        tqdm.write(f"delt: resuming, {len(files) - len(todo)} of {len(files)} batches done earlier")
     ranks = None if job.settings["init"] == "noise" else delt_init_ranks(job)
     for b in tqdm(todo, desc="delt batches", unit="batch"):
         t0 = time.time()

@@ -482,23 +482,30 @@ def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Te
 
 
 def random_resized_crop(x: torch.Tensor, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
-                        gen: torch.Generator | None = None) -> torch.Tensor:
-    """A random-resized crop per image, resized back to (H, W), as one grid_sample.
+                        gen: torch.Generator | None = None, per_sample=True, flip=False):
+    """Random-resized crop back to (H, W), optionally with a horizontal flip, as one grid_sample.
 
-    Area fraction ~ U(scale), log aspect ~ U(log ratio); sides beyond the image are clipped
-    to it (torchvision redraws instead; this only matters for extreme ratios).
+    Area fraction ~ U(scale), log aspect ~ U(log ratio), the aspect clamped to where a box of
+    that area fits (torchvision redraws instead), so scale (1, 1) is the identity. One box per
+    image, or one for the whole batch (per_sample False, DELT's code). Boxes are continuous and
+    the crop is differentiable in x, so DELT optimises pixels through it. Random numbers are
+    drawn on the generator's device; (B, C, H, W) -> (B, C, H, W).
     """
-    B, dev = x.shape[0], x.device
-    area = torch.empty(B, device=dev).uniform_(*scale, generator=gen)
-    log_r = torch.empty(B, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                 generator=gen)
-    r = log_r.exp()
-    w, h = (area * r).sqrt().clamp(max=1.0), (area / r).sqrt().clamp(max=1.0)  # side fractions
-    cx = (torch.rand(B, device=dev, generator=gen) * 2 - 1) * (1 - w)  # centre in [-1, 1]
-    cy = (torch.rand(B, device=dev, generator=gen) * 2 - 1) * (1 - h)
-    theta = torch.zeros(B, 2, 3, device=dev)  # the affine map from output to input coordinates
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    B, _, H, W = x.shape
+    m, a = (B if per_sample else 1), W / H
+    draw = partial(torch.rand, m, generator=gen, device=gen.device if gen is not None else None)
+    area = scale[0] + (scale[1] - scale[0]) * draw()  # (m,) fractions of the image area
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    r = (lo + (hi - lo) * draw()).exp()  # (m,) aspect ratios
+    r = torch.minimum(torch.maximum(r, area * a), a / area)  # then w, h below are both <= 1
+    w, h = (area * r / a).sqrt(), (area * a / r).sqrt()  # box sides, fractions of the image
+    cx = (1 - w) * (2 * draw() - 1)  # box centre in [-1, 1] coordinates
+    cy = (1 - h) * (2 * draw() - 1)
+    sx = w * torch.where(draw() < 0.5, -1.0, 1.0) if flip else w  # a negative scale flips
+    theta = torch.zeros(m, 2, 3, device=area.device)  # maps output to input coordinates
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
+    grid = F.affine_grid(theta.to(x).expand(B, 2, 3), [B, *x.shape[1:]],
+                         align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -860,10 +867,9 @@ def fit(model: Classifier, data: Split, info: DatasetInfo, proto: Protocol, *, e
             xb, yb = to_float(data.x[idx]), data.y[idx]  # (b, C, H, W), (b,)
             if proto.augment == "translate":
                 xb = random_translate(xb, max(1, info.size // 8), gen)
+                xb = random_flip(xb, gen) if info.flip else xb
             else:
-                xb = random_resized_crop(xb, (proto.crop_scale, 1.0), gen=gen)
-            if info.flip:
-                xb = random_flip(xb, gen)
+                xb = random_resized_crop(xb, (proto.crop_scale, 1.0), gen=gen, flip=info.flip)
             partner, lam = None, 1.0
             if proto.augment == "crop" and proto.cutmix_p > 0 and \
                     torch.rand(1, device=dev, generator=gen).item() < proto.cutmix_p:

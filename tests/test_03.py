@@ -49,6 +49,12 @@ def test_batched_augmentations():
     assert torch.allclose(common.random_resized_crop(x, (1.0, 1.0), (1.0, 1.0)), x, atol=1e-5)  # full crop = identity
     g = torch.Generator().manual_seed(0)
     assert not torch.allclose(common.random_resized_crop(x, (0.3, 0.3), gen=g), x, atol=1e-2)
+    # one box for the whole batch (DELT's code): equal inputs give equal crops
+    shared = common.random_resized_crop(x[:1].repeat(4, 1, 1, 1), (0.08, 1.0), gen=g, per_sample=False)
+    assert torch.allclose(shared, shared[:1].expand_as(shared))
+    flipped = common.random_resized_crop(x, (1.0, 1.0), (1.0, 1.0), gen=g, flip=True)
+    assert all(torch.allclose(f, i, atol=1e-5) or torch.allclose(f, i.flip(2), atol=1e-5)
+               for f, i in zip(flipped, x)) and not torch.allclose(flipped, x, atol=1e-5)
     imgs = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 28, 28)  # image i is the constant i
     for _ in range(5):
         mixed, partner, lam = common.cutmix(imgs, 1.0, g)

@@ -1,189 +1,171 @@
-"""delt in 02_distill_stages.py: schedule, BN loss, frozen groups, the SRe2L reduction, the stage contract,
-resume after a kill, and bad input. Unit tests run in-process on a random convnet; the rest run 02 in
-subprocesses on the tiny run of 01 (convnet-1-bn teacher)."""
-import importlib.util
+"""delt in 02_distill_stages.py: schedule, frozen groups, the SRe2L reduction, the init ranking, the
+stage contract, resume after a kill, and bad input. Every test runs 02 in a subprocess on the tiny
+run of 01 (convnet-1-bn teacher); the optimisation is checked against a plain re-implementation."""
 import json
 import math
 import shutil
-from types import SimpleNamespace
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import common
-from conftest import ROOT, assert_user_error, kill_when, run_script
-
-spec = importlib.util.spec_from_file_location("distill02", ROOT / "02_distill_stages.py")
-D = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(D)
+from conftest import assert_user_error, kill_when, run_script
 
 # IPC 5 with MI 12 / RI 3: R = 4 rounds, groups 2/1/1/1 joining at 0/3/6/9
 TINY = ["--method", "delt", "--ipc", "5", "--iterations", "12", "--round-iterations", "3"]
 
 
 # ----------------------------------------------------------------------------------------------
-# unit tests
+# the schedule and the optimisation, checked from the outside: 02 --dry-run prints its plan, and a
+# plain re-implementation of the loop below must reproduce the PNGs 02 writes
 # ----------------------------------------------------------------------------------------------
+
+
+def dry_run(run, *extra) -> dict:
+    p = run_script("02_distill_stages.py", "--run", run, "--method", "delt", "--dry-run", *extra)
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("ipc, sizes, cost", [(10, [2, 2, 1, 1, 1, 1, 1, 1], 0.6375),
                                               (50, [7, 7, 6, 6, 6, 6, 6, 6], 0.5775),
                                               (100, [13, 13, 13, 13, 12, 12, 12, 12], 0.5725)])
-def test_paper_schedule_groups_and_join_iterations(ipc, sizes, cost):
-    """MI 4000 / RI 500: 8 near-equal groups (the first IPC mod 8 one larger), joining at 0, 500, .., 3500
-    and trained 4000, 3500, .., 500 iterations (METHODS.md §5)."""
-    assert D.delt_groups(ipc, 4000, 500) == sizes
-    joins = D.delt_joins(sizes, 500)
+def test_paper_schedule_groups_and_join_iterations(run, ipc, sizes, cost):
+    """IPC split into R = 8 near-equal groups (the first IPC mod 8 one larger), joining at
+    0, 500, .., 3500 and trained 4000, 3500, .., 500 iterations (docs/methods.md §6)."""
+    plan = dry_run(run, "--ipc", ipc, "--scale", "paper")
+    assert plan["settings"]["iterations"] == 4000 and plan["settings"]["round_iterations"] == 500
+    assert plan["images_per_stage"] == sizes
+    joins = plan["join_iterations"]
     assert len(joins) == ipc and joins == sorted(joins)
     assert sorted(set(joins)) == [0, 500, 1000, 1500, 2000, 2500, 3000, 3500]
     assert [4000 - j for j in sorted(set(joins))] == [4000, 3500, 3000, 2500, 2000, 1500, 1000, 500]
     # image-iterations relative to the constant schedule; (R + 1) / (2R) = 0.5625 for equal groups
     assert sum(4000 - j for j in joins) / (4000 * ipc) == pytest.approx(cost)
+    assert not (run / "distilled" / f"delt-ipc{ipc}").exists()  # a dry run writes nothing
 
 
-def test_small_ipc_and_constant_schedule():
-    assert D.delt_groups(1, 4000, 500) == [1]  # IPC 1: one image trained all MI iterations
-    assert D.delt_groups(5, 4000, 500) == [1, 1, 1, 1, 1]  # IPC < R: empty tail rounds dropped
-    assert D.delt_groups(50, 4000, None) == [50] and D.delt_joins([50], None) == [0] * 50
+def test_small_ipc_and_constant_schedule(run):
+    paper = ["--scale", "paper"]
+    assert dry_run(run, "--ipc", 1, *paper)["images_per_stage"] == [1]  # one image, all MI
+    assert dry_run(run, "--ipc", 5, *paper)["images_per_stage"] == [1, 1, 1, 1, 1]  # IPC < R
+    plan = dry_run(run, "--ipc", 50, "--schedule", "constant", *paper)
+    assert plan["images_per_stage"] == [50] and plan["join_iterations"] == [0] * 50
 
 
-def small_model(info):
-    torch.manual_seed(0)
-    return common.build_model("convnet-2-bn", info).eval().requires_grad_(False)
-
-
-INFO = common.DatasetInfo("toy", 1, 8, (0.5,), (0.25,), ["a", "b", "c"], flip=False)
-
-
-def test_bn_loss_is_zero_at_the_running_statistics_and_weights_the_first_layer():
-    model = small_model(INFO)
-    x = torch.rand(6, 1, 8, 8)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert len(bns) == 2
-    with common.BNMatch(model, first_weight=10.0) as bn:
-        model(x)
-        assert bn.loss().item() > 1e-2  # random running stats differ from the batch's
-        stats = []
-        for m in bns:  # set layer by layer: a later layer's input depends on the earlier running stats
-            h = m.register_forward_hook(lambda mod, i, o: stats.append(
-                (i[0].mean((0, 2, 3)), i[0].var((0, 2, 3), unbiased=False))))
-            model(x)
-            h.remove()
-            m.running_mean.copy_(stats[-1][0])
-            m.running_var.copy_(stats[-1][1])
-        model(x)
-        assert bn.loss().item() < 1e-4
-        bns[1].running_var[5] += 0.5  # plain (not squared) L2 norm, weight 1 after the first layer
-        model(x)
-        assert bn.loss().item() == pytest.approx(0.5, abs=1e-4)
-        bns[1].running_var[5] -= 0.5
-        bns[0].running_mean[3] += 0.5  # the first BN layer counts 10x (and shifts the next layer's input)
-        model(x)
-        assert bn.terms[0].item() == pytest.approx(0.5, abs=1e-4)
-        assert bn.loss().item() == pytest.approx(10 * 0.5 + bn.terms[1].item(), abs=1e-4)
-    model(x)  # the hooks are gone after the context
-    assert len(bns[0]._forward_hooks) == 0
-
-
-def test_augment_is_identity_at_full_scale_and_a_crop_later():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 1, 8, 8)
-    assert D.delt_crop_min(0, 100) == pytest.approx(1.0) and D.delt_crop_min(100, 100) == pytest.approx(0.08)
-    assert torch.allclose(D.delt_augment(x, 1.0, gen, per_sample=False, flip=False), x, atol=1e-5)
-    y = D.delt_augment(x, 0.08, gen, per_sample=True, flip=True)
-    assert y.shape == x.shape and not torch.allclose(y, x, atol=1e-2)
-    shared = D.delt_augment(x[:1].repeat(4, 1, 1, 1), 0.08, gen, per_sample=False, flip=False)
-    assert torch.allclose(shared, shared[:1].expand_as(shared))  # one box for the whole batch
-
-
-def toy_env(tmp_path, schedule="earlylate", init="median", iterations=8, round_iterations=2, ipc=4):
-    """An Env with 3 classes of random 8x8 images and a random convnet-2-bn teacher."""
-    g = torch.Generator().manual_seed(1)
-    real = common.Split((torch.rand(30, 1, 8, 8, generator=g) * 255).to(torch.uint8), torch.arange(3).repeat_interleave(10))
-    s = {"iterations": iterations, "round_iterations": round_iterations if schedule == "earlylate" else None,
-         "opt_batch": 100, "lr": 0.25, "r_bn": 0.01, "first_bn_weight": 10.0, "schedule": schedule, "init": init,
-         "per_sample_aug": False}
-    args = SimpleNamespace(ipc=ipc, seed=0, method="delt", run=tmp_path, stages=None)
-    counts = D.delt_groups(ipc, iterations, s["round_iterations"])
-    from contextlib import nullcontext
-    return D.Env(args, INFO, torch.device("cpu"), nullcontext(), small_model(INFO), None, real, s, real, counts,
-                 tmp_path / "out")
-
-
-def record_steps(monkeypatch):
-    """Snapshot the optimised tensor after every Adam step."""
-    trace, step = [], torch.optim.Adam.step
-
-    def traced(self, *a, **k):
-        out = step(self, *a, **k)
-        trace.append(self.param_groups[0]["params"][0].detach().clone())
-        return out
-    monkeypatch.setattr(torch.optim.Adam, "step", traced)
-    return trace
-
-
-def test_a_group_does_not_change_before_its_join_iteration(tmp_path, monkeypatch):
-    env = toy_env(tmp_path)  # IPC 4, MI 8 / RI 2: groups of 1 joining at 0, 2, 4, 6
-    trace = record_steps(monkeypatch)
-    res = D.delt_optimise(env, [0, 1, 2], D.delt_init_ranks(env), seed=3)
-    joins = torch.tensor(D.delt_joins(env.counts, 2)).repeat(3)
-    assert len(trace) == 8 and joins.tolist() == [0, 2, 4, 6] * 3
-    mean, std = 0.5, 0.25
-    z0 = (common.to_float(env.real.x[res["train_index"]]) - mean) / std
-    for t, z in enumerate(trace):  # z after step t (0-based)
-        changed = (z - z0).flatten(1).abs().amax(1) > 0
-        assert torch.equal(changed, joins <= t), t
-    assert (res["dist_to_init"] > 0).all()
-
-
-def test_constant_schedule_with_noise_init_is_plain_batch_to_global_matching(tmp_path):
-    """--schedule constant --init noise reduces to SRe2L: every image, every iteration, CE + BN matching."""
-    env = toy_env(tmp_path, schedule="constant", init="noise", iterations=6)
-    assert env.counts == [4]
-    res = D.delt_optimise(env, [0, 1, 2], None, seed=7)
-    # the same optimisation written out plainly, with its own BN loss
-    gen = torch.Generator().manual_seed(7)
-    y = torch.arange(3).repeat_interleave(4)
-    x0 = (0.5 + 0.25 * torch.randn(12, 1, 8, 8, generator=gen)).clamp(0, 1)
-    z = ((x0 - 0.5) / 0.25).requires_grad_(True)
+def reference_delt(run, ipc, iterations, round_iterations, init, seed=0):
+    """DELT's loop written out plainly for one batch holding every class: the images 02 must
+    write. Returns (final uint8 images class-major, init images, the tensor after each step)."""
+    info = common.read_run_info(run)
+    teacher = common.load_run_teacher(run, info, "cpu").requires_grad_(False)
+    _, real, _ = common.load_dataset("mnist5k")
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0]).generate_state(1)[0]))
+    y = torch.arange(10).repeat_interleave(ipc)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (info.mean, info.std))
+    rounds = iterations // round_iterations if round_iterations else 1
+    sizes = [n for n in (ipc // rounds + (g < ipc % rounds) for g in range(rounds)) if n]
+    join = torch.tensor([g * (round_iterations or 0) for g, n in enumerate(sizes)
+                         for _ in range(n)]).repeat(10)
+    if init == "noise":
+        x0 = (mean + std * torch.randn(10 * ipc, 1, 28, 28, generator=gen)).clamp(0, 1)
+    else:  # nearest the class median of the teacher's true-class probability, rank order
+        p = torch.softmax(common.predict(teacher, real.x), 1).gather(1, real.y[:, None])[:, 0]
+        rows = []
+        for c in range(10):
+            idx = (real.y == c).nonzero().squeeze(1)
+            d = (p[idx] - p[idx].quantile(0.5)).abs()
+            rows.append(idx[torch.sort(d, stable=True).indices[:ipc]])
+        x0 = common.to_float(real.x[torch.cat(rows)])
+    z = ((x0 - mean) / std).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=0.25, betas=(0.5, 0.9))
-    teacher = env.teacher
     bns = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     feats = {}
     hooks = [m.register_forward_hook(lambda mod, i, o: feats.__setitem__(mod, i[0])) for m in bns]
-    for t in range(6):
-        opt.param_groups[0]["lr"] = 0.125 * (1 + math.cos(math.pi * t / 6))
-        xa = D.delt_augment(z * 0.25 + 0.5, 0.08 + 0.92 * (1 + math.cos(math.pi * t / 6)) / 2, gen, False, False)
-        ce = F.cross_entropy(teacher(xa), y)
+    trace = []
+    for t in range(iterations):
+        opt.param_groups[0]["lr"] = 0.125 * (1 + math.cos(math.pi * t / iterations))
+        active = (join <= t).nonzero().squeeze(1)
+        s_min = 0.08 + 0.92 * (1 + math.cos(math.pi * t / iterations)) / 2
+        xa = common.random_resized_crop(z[active] * std + mean, (s_min, 1.0), gen=gen,
+                                        per_sample=False, flip=False)
+        ce = F.cross_entropy(teacher(xa), y[active])
         r = sum(w * ((feats[m].mean((0, 2, 3)) - m.running_mean).norm() +
                      (feats[m].var((0, 2, 3), unbiased=False) - m.running_var).norm())
-                for w, m in zip([10.0, 1.0], bns))
+                for w, m in zip([10.0] + [1.0] * (len(bns) - 1), bns))
         opt.zero_grad()
         (ce + 0.01 * r).backward()
         opt.step()
         with torch.no_grad():
-            z.clamp_(-2.0, 2.0)
+            z.copy_(torch.maximum(torch.minimum(z, (1 - mean) / std), (0 - mean) / std))
+        trace.append(z.detach().clone())
     for h in hooks:
         h.remove()
-    ref = D.to_u8(z.detach() * 0.25 + 0.5)
-    assert (res["x"].int() - ref.int()).abs().max() <= 1
-    assert (res["x"] != D.to_u8(x0)).flatten(1).any(1).all()  # every image moved from its start
-    assert (res["train_index"] == -1).all()
+    return common.to_u8(z.detach() * std + mean), common.to_u8(x0), (x0 - mean) / std, join, trace
 
 
-def test_init_ranks_nearest_the_median_first(tmp_path):
-    env = toy_env(tmp_path, ipc=3)
-    p = D.true_class_prob(env.teacher, env.real.x, env.real.y, env.ctx)
-    ranks = D.delt_init_ranks(env)  # (3 classes, 3)
-    for c in range(3):
-        idx = torch.arange(10 * c, 10 * c + 10)
-        d = (p[idx] - p[idx].quantile(0.5)).abs()
-        assert ranks[c].tolist() == idx[d.argsort(stable=True)[:3]].tolist()
-        assert (d[ranks[c] - 10 * c]).tolist() == sorted(d[ranks[c] - 10 * c].tolist())
-    env.s["init"] = "top"
-    top = D.delt_init_ranks(env)
-    assert p[top[0]].tolist() == sorted(p[:10].tolist(), reverse=True)[:3]
+def written(out, ipc) -> torch.Tensor:
+    """The images 02 wrote, class-major in rank order (stage by stage within a class)."""
+    info = common.read_run_info(out.parent.parent)
+    stages = common.read_stages(out, info)
+    return torch.cat([torch.cat([s.x[s.y == c] for s in stages]) for c in range(10)])
+
+
+def test_a_group_does_not_change_before_its_join_iteration(run, tmp_path):
+    """IPC 4 with MI 8 / RI 2: one image per class joins at 0, 2, 4 and 6. The plain loop, in
+    which a group's pixels get zero gradient until it joins, gives 02's images."""
+    dst = fresh(run, tmp_path, "join")
+    run_script("02_distill_stages.py", "--run", dst, "--method", "delt", "--ipc", "4",
+               "--iterations", "8", "--round-iterations", "2", "--opt-batch", "40")
+    final, _, z0, join, trace = reference_delt(dst, 4, 8, 2, "median")
+    assert join.tolist() == [0, 2, 4, 6] * 10 and len(trace) == 8
+    for t, z in enumerate(trace):  # z after step t (0-based)
+        changed = (z - z0).flatten(1).abs().amax(1) > 0
+        assert torch.equal(changed, join <= t), t
+    ours = written(dst / "distilled" / "delt-ipc4", 4)
+    assert (ours.int() - final.int()).abs().max() <= 1
+    m = common.read_json(dst / "distilled" / "delt-ipc4" / "stage_04" / "manifest.json")
+    assert m["join_iteration"] == 6 and all(v > 0 for v in m["scores"]["dist_to_init"])
+
+
+def test_constant_schedule_with_noise_init_is_plain_batch_to_global_matching(run, tmp_path):
+    """--schedule constant --init noise reduces to SRe2L: every image, every iteration,
+    CE + BN matching, from Gaussian noise."""
+    dst = fresh(run, tmp_path, "sre2l")
+    run_script("02_distill_stages.py", "--run", dst, "--method", "delt", "--ipc", "3",
+               "--iterations", "6", "--schedule", "constant", "--init", "noise",
+               "--opt-batch", "30")
+    out = dst / "distilled" / "delt-constant-init-noise-ipc3"
+    final, start, *_ = reference_delt(dst, 3, 6, None, "noise")
+    ours = written(out, 3)
+    assert (ours.int() - final.int()).abs().max() <= 1
+    assert (ours != start).flatten(1).any(1).all()  # every image moved from its start
+    m = common.read_json(out / "stage_01" / "manifest.json")
+    assert set(m["scores"]["train_index"]) == {-1}
+
+
+def test_init_ranks_nearest_the_median_first(run):
+    """The manifests' train_index: per class, the real images nearest the median of the
+    teacher's true-class probability, nearest first (and the highest with --init top)."""
+    info = common.read_run_info(run)
+    teacher = common.load_run_teacher(run, info, "cpu")
+    _, real, _ = common.load_dataset("mnist5k")
+    p = torch.softmax(common.predict(teacher, real.x), 1).gather(1, real.y[:, None])[:, 0]
+    for init in ("median", "top"):
+        flags = ["--init", init] if init != "median" else []
+        run_script("02_distill_stages.py", "--run", run, "--method", "delt", "--ipc", "3",
+                   "--iterations", "3", "--round-iterations", "1", *flags)
+        out = run / "distilled" / ("delt-ipc3" if init == "median" else "delt-init-top-ipc3")
+        chosen = [common.read_json(d / "manifest.json")["scores"]["train_index"]
+                  for d in common.stage_dirs(out)]  # stage k: rank k of every class
+        for c in range(10):
+            ranks = [st[c] for st in chosen]
+            idx = (real.y == c).nonzero().squeeze(1)
+            if init == "median":
+                d = (p[idx] - p[idx].quantile(0.5)).abs()
+                assert ranks == idx[d.argsort(stable=True)[:3]].tolist()
+            else:
+                assert p[ranks].tolist() == sorted(p[idx].tolist(), reverse=True)[:3]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,3 +61,36 @@ def test_classifier_checkpoint_round_trip_and_dataset_check(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"garbage")
     with pytest.raises(common.UserError, match="not a classifier checkpoint"):
         common.load_classifier(tmp_path / "junk.pt", info, "cpu")
+
+
+def test_bn_loss_is_zero_at_the_running_statistics_and_weights_the_first_layer():
+    """common.BNMatch, DELT's regulariser: plain L2 norms of the mean and variance gaps, x10 on
+    the first BN layer, zero when the batch statistics equal the running ones."""
+    torch.manual_seed(0)
+    model = common.build_model("convnet-2-bn", info_for(1, 8, classes=3)).eval().requires_grad_(False)
+    x = torch.rand(6, 1, 8, 8)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 2
+    with common.BNMatch(model, first_weight=10.0) as bn:
+        model(x)
+        assert bn.loss().item() > 1e-2  # random running stats differ from the batch's
+        stats = []
+        for m in bns:  # set layer by layer: a later layer's input depends on the earlier running stats
+            h = m.register_forward_hook(lambda mod, i, o: stats.append(
+                (i[0].mean((0, 2, 3)), i[0].var((0, 2, 3), unbiased=False))))
+            model(x)
+            h.remove()
+            m.running_mean.copy_(stats[-1][0])
+            m.running_var.copy_(stats[-1][1])
+        model(x)
+        assert bn.loss().item() < 1e-4
+        bns[1].running_var[5] += 0.5  # plain (not squared) L2 norm, weight 1 after the first layer
+        model(x)
+        assert bn.loss().item() == pytest.approx(0.5, abs=1e-4)
+        bns[1].running_var[5] -= 0.5
+        bns[0].running_mean[3] += 0.5  # the first BN layer counts 10x (and shifts the next layer's input)
+        model(x)
+        assert bn.terms[0].item() == pytest.approx(0.5, abs=1e-4)
+        assert bn.loss().item() == pytest.approx(10 * 0.5 + bn.terms[1].item(), abs=1e-4)
+    model(x)  # the hooks are gone after the context
+    assert len(bns[0]._forward_hooks) == 0
