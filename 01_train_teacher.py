@@ -132,10 +132,12 @@ def train_teacher(args, info, train, test, device, ctx):
 
 def sample_accuracy(prior, teacher, info, per_class, args, device, ctx, seed, progress=True):
     """Teacher top-1 (%) on `per_class` CFG samples of every class; returns (acc, per-class acc, images)."""
-    y = torch.arange(info.num_classes, device=device).repeat_interleave(per_class)
-    gen = torch.Generator(device).manual_seed(seed)
-    imgs, _, _ = dit.sample(prior, y, steps=args.sample_steps, cfg=args.cfg, gen=gen,
+    y = torch.arange(info.num_classes, device=device).repeat(per_class)  # slot-major
+    seeds = [dit.slot_seed(seed, c, j) for j in range(per_class) for c in range(info.num_classes)]
+    imgs, _, _ = dit.sample(prior, y, seeds, steps=args.sample_steps, cfg=args.cfg,
                             batch_size=args.sample_batch, ctx=ctx, progress=progress)
+    order = torch.arange(len(y), device=y.device).view(per_class, info.num_classes).t().flatten()
+    y, imgs = y[order], imgs[order]  # class-major, as the grid shows them
     pred = common.predict(teacher, imgs, ctx=ctx).argmax(1)
     per = [(pred[y == c] == c).float().mean().item() * 100 for c in range(info.num_classes)]
     return (pred == y).float().mean().item() * 100, per, imgs
@@ -216,7 +218,7 @@ def probe(model, ema, noise, info, teacher, args, device, ctx):
                                 device, ctx, seed=args.seed + 1, progress=False)
     for p, s in zip(model.parameters(), saved):
         p.data.copy_(s)
-    model.train()
+    model.train().requires_grad_(True)  # the Prior froze it for sampling
     return acc
 
 

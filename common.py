@@ -913,16 +913,18 @@ def fit(model: Classifier, data: Split, info: DatasetInfo, proto: Protocol, *, e
 # manifest.json or metrics.json last, so a folder without the last file is unfinished.
 
 
-def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str):
+def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str, ignore=()):
     """Make `folder` for a job described by `args`; an existing folder is resumed only if its
-    config.json holds the same arguments (or is wiped first with --overwrite)."""
+    config.json holds the same arguments, those in `ignore` aside (they change how the work is
+    run, not its results), or it is wiped first with --overwrite."""
     folder, args = Path(folder), jsonable(args)  # compare as JSON sees it (Path -> str)
     cfg = folder / "config.json"
     if overwrite and folder.exists():
         shutil.rmtree(folder)
     if cfg.exists():
         old = read_json(cfg).get("args", {})
-        diff = sorted(k for k in set(old) | set(args) if old.get(k) != args.get(k))
+        diff = sorted(k for k in set(old) | set(args)
+                      if old.get(k) != args.get(k) and k not in ignore)
         if diff:
             raise UserError(f"{folder} holds a {what} made with other settings "
                             f"({', '.join(diff)}); pass --overwrite to start over or choose "

@@ -189,3 +189,26 @@ def test_bad_flags(flags, fragment, run, data):
     info, train, _ = data
     write_set(run / "distilled" / "dit-ipc2", train, info, "dit", [1, 1])
     assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, *flags, check=False), fragment)
+
+
+def test_every_random_draw_names_its_generators_device(data, monkeypatch):
+    """A generator drawn from without an explicit device= draws on the CPU, which fails for a
+    CUDA generator ("Expected a 'cpu' device type for generator"): every draw in the training
+    loop must say where it happens. Checked on the CPU by wrapping torch's random functions."""
+    info, train, _ = data
+    for name in ("rand", "randn", "randint", "randperm"):
+        original = getattr(torch, name)
+
+        def checked(*a, _original=original, _name=name, **k):
+            gen = k.get("generator")
+            if gen is not None:
+                assert "device" in k, f"torch.{_name} with a generator but no device="
+                assert torch.device(k["device"]).type == gen.device.type, _name
+            return _original(*a, **k)
+        monkeypatch.setattr(torch, name, checked)
+    sub = common.Split(train.x[:64], train.y[:64])
+    common.fit(common.build_model("convnet-1", info), sub, info, common.Protocol("hard"),
+               epochs=1, seed=0, progress=False)
+    common.fit(common.build_model("convnet-1", info), sub, info,
+               common.Protocol("hard", augment="translate", cutmix_p=0), epochs=1, seed=0,
+               progress=False)
