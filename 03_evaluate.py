@@ -15,6 +15,8 @@ Writes: <run>/eval/<name>/
           random_ipc<N>_seed<S>.json   the random real subsets (class-balanced, disjoint draws)
           students/<key>.json          one trained student's accuracies, keyed by data hash,
                                        student, protocol, epochs and seed: reruns skip it
+        <run>/timings.json  seconds and load average of every phase (03/<name>/inputs,
+                            baselines, sets, stages, redundancy, diversity)
 Accuracy is the final-epoch top-1 on the real test split, mean +- std over student seeds;
 nothing is selected on the test split (no best epoch, no learning-rate search; §7.4).
 
@@ -29,6 +31,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -270,10 +273,26 @@ class Evaluation:
             "protocols": {p: asdict(self.proto[p]) for p in self.used},
             "own_protocol": {s["name"]: s["own"] for s in self.sets}, "ipcs": self.ipcs}
         common.write_config(self.out, cargs, self.derived, self.device)
+        self.draws = {ipc: random_draws(self.train, ipc, len(self.seeds), self.args.seed,
+                                        self.cache, self.args.overwrite)
+                      for ipc in self.ipcs
+                      if "random" in self.baselines or "diversity" in self.analyses}
         print(f"03: {len(self.sets)} set(s) {[s['name'] for s in self.sets]}, students "
               f"{self.students}, protocols {self.used}, seeds {self.seeds}, epoch rule "
               f"{self.rule} ({self.derived['epochs_by_ipc']}), full data {self.full_epochs} "
               f"epochs, {self.device}")
+
+    @contextmanager
+    def timed(self, timings: common.Timings, step: str):
+        """Time one step as phase 03/<name>/<step>, with the students it trained and reused;
+        a step that trained none keeps the entry of the call that trained them."""
+        trained, reused = self.trained, self.reused
+        with timings.phase(f"03/{self.args.name}/{step}") as ph:
+            yield
+            ph.extra = {"students_trained": self.trained - trained,
+                        "students_reused": self.reused - reused}
+            if self.trained == trained:
+                ph.skipped = "skipped: no student trained (all cached, or none asked for)"
 
     # --- training students, cached per (data, student, protocol, epochs, seed, targets) ---
 
@@ -324,12 +343,10 @@ class Evaluation:
 # ------------------------------------------------------------------------------------------
 
 
-def accuracy_rows(ev: Evaluation) -> list:
-    """Every (set or baseline) x student x protocol row, seeds as its mean +- std."""
+def baseline_rows(ev: Evaluation) -> list:
+    """The full-data and random rows: every student x protocol, seeds as mean +- std."""
     rows, train, n = [], ev.train, len(ev.seeds)
-    ev.draws = {ipc: random_draws(train, ipc, n, ev.args.seed, ev.cache, ev.args.overwrite)
-                for ipc in ev.ipcs if "random" in ev.baselines or "diversity" in ev.analyses}
-    for student in tqdm(ev.students, desc="students", unit="model"):
+    for student in tqdm(ev.students, desc="baselines", unit="architecture"):
         if "full" in ev.baselines:
             full_ipc = len(train.y) // ev.info.num_classes
             rows += [ev.row("full", "full", "full", full_ipc, [train] * n, student, p,
@@ -339,6 +356,14 @@ def accuracy_rows(ev: Evaluation) -> list:
                 draws = [common.Split(train.x[d], train.y[d]) for d in ev.draws[ipc]]
                 rows += [ev.row("random", "random", "random", ipc, draws, student, p,
                                 ev.epochs(ipc), ev.seeds) for p in ev.used]
+    return rows
+
+
+def set_rows(ev: Evaluation) -> list:
+    """Every set x student x protocol (those asked for and the set's own), seeds as mean +-
+    std."""
+    rows, n = [], len(ev.seeds)
+    for student in tqdm(ev.students, desc="sets", unit="architecture"):
         for s in ev.sets:
             union = common.Split.cat(s["stages"])
             for p in ev.protocols + ([s["own"]] if s["own"] not in ev.protocols else []):
@@ -386,9 +411,9 @@ def redundancy(ev: Evaluation, s: dict, student, proto) -> dict:
             "protocol": proto, "seeds": list(seeds)}
 
 
-def increment_analyses(ev: Evaluation) -> tuple:
+def increment_analyses(ev: Evaluation, timings: common.Timings) -> tuple:
     """Per-stage accuracy (LGD Table 4) and redundancy (LGD Fig. 2) of each increment method's
-    largest set: its stages already give every smaller accumulated IPC."""
+    largest set: its stages already give every smaller accumulated IPC. Each is one phase."""
     student, proto = ev.students[0], ev.protocols[0]
     methods = None if ev.args.analysis_methods == "all" else \
         comma_list(ev.args.analysis_methods, None, "--analysis-methods")
@@ -397,19 +422,22 @@ def increment_analyses(ev: Evaluation) -> tuple:
     chosen = [s for s in ev.sets if len(s["stages"]) > 1 and s["ipc"] == top[s["method"]]
               and (methods is None or s["method"] in methods)]
     stages, red = {}, {}
-    for s in chosen:
-        if "stages" in ev.analyses:
-            points = []
-            for i in range(1, len(s["stages"]) + 1):
-                ipc_i = sum(s["stage_ipcs"][:i])
-                r = ev.row("stage", s["name"], s["method"], ipc_i,
-                           [common.Split.cat(s["stages"][:i])] * len(ev.analysis_seeds), student,
-                           proto, ev.epochs(ipc_i), ev.analysis_seeds)
-                points.append({"stage": i, **r})
-            stages[s["name"]] = {"student": student, "protocol": proto,
-                                 "seeds": ev.analysis_seeds, "points": points}
-        if "redundancy" in ev.analyses:
-            red[s["name"]] = redundancy(ev, s, student, proto)
+    if "stages" in ev.analyses:
+        with ev.timed(timings, "stages"):
+            for s in chosen:
+                points = []
+                for i in range(1, len(s["stages"]) + 1):
+                    ipc_i = sum(s["stage_ipcs"][:i])
+                    r = ev.row("stage", s["name"], s["method"], ipc_i,
+                               [common.Split.cat(s["stages"][:i])] * len(ev.analysis_seeds),
+                               student, proto, ev.epochs(ipc_i), ev.analysis_seeds)
+                    points.append({"stage": i, **r})
+                stages[s["name"]] = {"student": student, "protocol": proto,
+                                     "seeds": ev.analysis_seeds, "points": points}
+    if "redundancy" in ev.analyses:
+        with ev.timed(timings, "redundancy"):
+            for s in chosen:
+                red[s["name"]] = redundancy(ev, s, student, proto)
     # the relative reduction against the reference method's set of the same shape and IPC
     by_name = {s["name"]: s for s in ev.sets}
     for name, rd in red.items():
@@ -579,13 +607,21 @@ def write_csv(path: Path, rows: list):
 def main():
     args = parse_args()
     device, ctx = common.setup_device(args.device, args.amp)
-    t_start = time.time()
+    t_start, load_start = time.time(), common.load_average()
     ev = Evaluation(args, device, ctx)  # every input checked before anything is written
     if not ev.sets:
         print(f"no distilled sets under {ev.run}/distilled yet: evaluating the baselines only")
     ev.start()
-    rows = accuracy_rows(ev)
-    stages, red = increment_analyses(ev)
+    timings = common.Timings(ev.run)
+    timings.add(f"03/{args.name}/inputs", time.time() - t_start, load_start)
+    with ev.timed(timings, "baselines"):
+        rows = baseline_rows(ev)
+    with ev.timed(timings, "sets"):
+        rows += set_rows(ev)
+    stages, red = increment_analyses(ev, timings)
+    with timings.phase(f"03/{args.name}/diversity") if "diversity" in ev.analyses \
+            else nullcontext():
+        div = diversity(ev)
     info, metrics = ev.info, ev.run / "teacher" / "metrics.json"
     res = {"name": args.name, "dataset": info.name, "students": ev.students,
            "protocols": ev.protocols, "protocols_used": ev.used,
@@ -595,7 +631,7 @@ def main():
            "selection": "none: fixed epochs and learning rate, final-epoch accuracy on the test "
                         "split",
            "rows": rows, "ddranking": ddranking_scores(ev, rows), "stages": stages,
-           "redundancy": red, "diversity": diversity(ev),
+           "redundancy": red, "diversity": div,
            "sets": [{k: s[k] for k in ("name", "folder", "method", "ipc", "stage_ipcs", "own")}
                     for s in ev.sets],
            "teacher_test_acc": common.read_json(metrics)["test_acc"] if metrics.exists() else None,
@@ -606,6 +642,7 @@ def main():
     write_markdown(ev.out / "results.md", res, ev.sets)
     write_plots(ev.out, res)
     common.write_json(ev.out / "results.json", res)  # last: the evaluation is finished
+    timings.report("03")
     print(f"03 done in {time.time() - t_start:.0f} s: {ev.trained} students trained, "
           f"{ev.reused} reused; results in {ev.out}")
 

@@ -5,6 +5,7 @@ Sections, each using only those above it:
   1 flags, errors and seeding      2 device and precision       3 atomic I/O
   4 data                           5 batched augmentations      6 models
   7 the training loop              8 run folders (the handoff contract between 01, 02 and 03)
+  9 timings of the pipeline's phases (<run>/timings.json)
 Conventions: an image tensor handed between functions is float in [0, 1], shape (B, C, H, W);
 datasets are kept as uint8 tensors; classifiers normalise their input themselves.
 The methods and their defaults are specified in docs/methods.md (cited as §N).
@@ -20,10 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -1001,3 +1003,104 @@ def read_stages(folder: Path, info: DatasetInfo) -> list:
             raise UserError(f"{d} is unfinished (no manifest.json); rerun 02_distill_stages.py "
                             f"with the same arguments to finish it")
     return [read_distilled(d, info) for d in stages]
+
+
+# ==========================================================================================
+# 9. Timings: where the pipeline's wall time goes, phase by phase, in <run>/timings.json
+# ==========================================================================================
+
+TIMINGS = "timings.json"
+
+
+def load_average() -> float:
+    """The 1-minute load average: a phase timed while other jobs ran (load above the cores)
+    is slower than the same phase alone on this shared machine."""
+    return round(os.getloadavg()[0], 2)
+
+
+def record_timing(run: Path, phase: str, seconds: float, load_start: float, load_end: float,
+                  **extra):
+    """Add or replace one phase of <run>/timings.json, e.g. "01/teacher" or "03/default/sets".
+
+    Read-modify-write under an exclusive lock, so two scripts finishing together both land;
+    the file itself is replaced atomically, so a reader never sees half of it.
+    """
+    import fcntl  # POSIX only, like os.getloadavg
+    path = Path(run) / TIMINGS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{TIMINGS}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            phases = read_json(path) if path.exists() else {}
+        except (OSError, ValueError):  # an unreadable file must not end a finished job
+            print(f"warning: {path} was unreadable and starts over", file=sys.stderr)
+            phases = {}
+        phases[phase] = {"seconds": round(seconds, 1), "load_start": load_start,
+                         "load_end": load_end, "threads": torch.get_num_threads(),
+                         "cpus": os.cpu_count(),
+                         "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+        write_json(path, phases)
+
+
+class Timings:
+    """The phases one script call times: each recorded in <run>/timings.json as it ends, and
+    printed together by report() at the end of the script.
+
+    A phase that finds its work already done (a finished teacher, stages with manifests,
+    cached students) is marked skipped and leaves the entry of the call that did the work, so
+    the table keeps what the work cost. A phase that raises is not recorded.
+    """
+
+    def __init__(self, run: Path):
+        self.run, self.rows = Path(run), []  # rows: (phase, seconds, note)
+
+    def add(self, phase: str, seconds: float, load_start: float, skipped: bool | str = False,
+            **extra):
+        """Record one phase; skipped (True or the reason to print) records nothing."""
+        if skipped:
+            self.rows.append((phase, seconds, skipped if isinstance(skipped, str) else
+                              "skipped: done earlier"))
+            return
+        load_end = load_average()
+        record_timing(self.run, phase, seconds, load_start, load_end, **extra)
+        self.rows.append((phase, seconds, f"load {load_start:.2f} -> {load_end:.2f}"))
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time the body as phase `name`; it may set .skipped or add to .extra."""
+        ph, t0, load0 = SimpleNamespace(skipped=False, extra={}), time.time(), load_average()
+        yield ph
+        self.add(name, time.time() - t0, load0, ph.skipped, **ph.extra)
+
+    def report(self, title: str):
+        """The closing block of a script: every phase of this call, its seconds, the total."""
+        print(f"{title} timings (seconds; also in {self.run / TIMINGS}):")
+        for phase, seconds, note in self.rows:
+            print(f"  {phase:32s} {seconds:9.1f}   {note}")
+        print(f"  {'total':32s} {sum(r[1] for r in self.rows):9.1f}")
+
+
+def timings_table(run: Path) -> str:
+    """<run>/timings.json as a table in pipeline order (01, 02, 03), with the total."""
+    path = Path(run) / TIMINGS
+    if not path.exists():
+        raise UserError(f"{path} does not exist; run the pipeline first (make demo)")
+    phases = read_json(path)
+    order = sorted(phases, key=lambda k: k.split("/")[0])  # stable: 02's sets in run order
+    lines = [f"timings of {run} ({path.name}; load = 1-minute load average at start -> end of "
+             f"the phase, on {os.cpu_count()} CPUs; imports and start-up are not included)",
+             "| phase | minutes | seconds | load start -> end | threads | finished |",
+             "|---|---:|---:|---|---:|---|"]
+    for k in order:
+        e = phases[k]
+        lines.append(f"| {k} | {e['seconds'] / 60:.1f} | {e['seconds']:.0f} | "
+                     f"{e['load_start']:.2f} -> {e['load_end']:.2f} | {e.get('threads', '')} | "
+                     f"{e.get('finished', '')} |")
+    total = sum(e["seconds"] for e in phases.values())
+    lines.append(f"| **total** | **{total / 60:.1f}** | **{total:.0f}** | | | |")
+    return "\n".join(lines)
+
+
+def print_timings(run: Path = Path("runs/mnist5k")):
+    """`make timings`: the table of <run>/timings.json (a bad run is one `error:` line)."""
+    cli(lambda: print(timings_table(run)))

@@ -143,9 +143,15 @@ def test_end_to_end_writes_all_outputs(run, data):
     assert len(res["diversity"]["dit-ipc4"]["per_class"]) == 10
     md = (out / "results.md").read_text()
     assert "full data" in md and "random (IPC 4)" in md and "| dit-ipc4 |" in md
+    timings = json.loads((run / "timings.json").read_text())  # where 03's time went
+    assert [k for k in timings] == [f"03/default/{s}" for s in ("inputs", "baselines", "sets", "stages",
+                                                                "redundancy", "diversity")]
+    assert timings["03/default/sets"]["students_trained"] == 8 and "03 timings" in p.stdout
     # a rerun of the same command reuses every cached student and reproduces the numbers
     p2 = run_script("03_evaluate.py", "--run", run, *TINY)
     assert " 0 students trained" in p2.stdout, p2.stdout[-500:]
+    assert "skipped: no student trained" in p2.stdout  # timings.json keeps the first call's
+    assert json.loads((run / "timings.json").read_text())["03/default/sets"] == timings["03/default/sets"]
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
     assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, "--seeds", "3", check=False), "--overwrite")
     # the run is read from the sets' config.json when --run is not given
