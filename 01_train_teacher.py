@@ -96,7 +96,8 @@ def train_teacher(args, info, train, test, device, ctx, phase):
         print(f"teacher: done earlier ({common.read_json(folder / 'metrics.json')['test_acc']:.2f} %), skipping")
         phase.skipped = True
         return common.load_classifier(folder / "teacher.pt", info, device)
-    common.write_config(folder, targs, {"keep_epochs": keep, "train_size": len(train.y)}, device)
+    common.write_config(folder, targs, {"keep_epochs": keep, "train_size": len(train.y)}, device,
+                        ctx)
     t0 = time.time()
     if args.teacher is not None:
         model = common.load_classifier(args.teacher, info, device)
@@ -235,7 +236,7 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained, timings):
         timings.add("01/prior", 0.0, 0.0, skipped=True)
         timings.add("01/sample check", 0.0, 0.0, skipped=True)
         return
-    common.write_config(folder, dargs, {"pretrained": args.dit is not None}, device)
+    common.write_config(folder, dargs, {"pretrained": args.dit is not None}, device, ctx)
     t0 = time.time()
     with timings.phase("01/prior") as phase:
         if args.dit is None:

@@ -673,7 +673,7 @@ def main():
     common.prepare_folder(job.out, cfg_args, args.overwrite, "distilled set")
     derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
                "defaults": METHODS[args.method].defaults}
-    common.write_config(job.out, cfg_args, derived, device)
+    common.write_config(job.out, cfg_args, derived, device, ctx)
     print(f"{args.method}: IPC {args.ipc} as {len(job.counts)} stages of "
           f"{'/'.join(map(str, job.counts))} per class, {job.info.num_classes} classes of "
           f"{job.info.name}; {job.scale} scale; device {device}; writing {job.out}")

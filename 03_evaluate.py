@@ -272,7 +272,7 @@ class Evaluation:
             "analysis_seeds": self.analysis_seeds,
             "protocols": {p: asdict(self.proto[p]) for p in self.used},
             "own_protocol": {s["name"]: s["own"] for s in self.sets}, "ipcs": self.ipcs}
-        common.write_config(self.out, cargs, self.derived, self.device)
+        common.write_config(self.out, cargs, self.derived, self.device, self.ctx)
         self.draws = {ipc: random_draws(self.train, ipc, len(self.seeds), self.args.seed,
                                         self.cache, self.args.overwrite)
                       for ipc in self.ipcs

@@ -51,14 +51,24 @@ def cli(main):
         sys.exit(2)
 
 
+AMP_CHOICES = ["auto", "on", "off"]
+# what the boolean --amp of earlier versions meant, for comparing an existing folder's settings
+AMP_LEGACY = {True: "auto", False: "off"}
+
+
 def add_common_args(p: argparse.ArgumentParser, run_help: str, run_default="runs/mnist5k"):
     """The flags all three scripts spell the same way."""
     p.add_argument("--run", type=Path, default=run_default, help=run_help)
     p.add_argument("--seed", type=int, default=0,
                    help="one seed for everything, sampling noise included")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (ignored on CPU)")
+    p.add_argument("--amp", nargs="?", const="auto", default="auto", choices=AMP_CHOICES,
+                   help="bf16 autocast: 'auto' = on CUDA, and on a CPU only where it computes "
+                        "bf16 natively (AVX512-BF16, AMX, Arm BF16; elsewhere bf16 is emulated "
+                        "and far slower); 'on'; 'off'. The resolved value goes to config.json")
+    # the flag was boolean before: --no-amp still means off
+    p.add_argument("--no-amp", dest="amp", action="store_const", const="off",
+                   help=argparse.SUPPRESS)
     p.add_argument("--scale", default="auto", choices=["auto", "paper", "small"],
                    help="which column of defaults to use: 'small' for the embedded mnist5k "
                         "on a CPU, 'paper' for the papers' settings; auto picks by dataset")
@@ -134,8 +144,57 @@ def git_commit() -> str | None:
 # ==========================================================================================
 
 
-def setup_device(name: str, amp: bool):
-    """(device, ctx): ctx is bf16 autocast on CUDA and a no-op context on the CPU."""
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpuinfo_flags() -> set:
+    """The CPU feature flags of /proc/cpuinfo (x86 'flags', Arm 'Features'); empty elsewhere."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return set()
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU multiply bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, Arm BF16)?
+
+    Without it oneDNN emulates bf16 through fp32 conversions: on an AVX2-only CPU a bf16
+    matmul ran ~400x slower than fp32, so autocast would only cost time. (mkldnn's own
+    bf16 check also accepts plain AVX-512, which converts but does not multiply in bf16.)
+    torch's cpuinfo capabilities first; /proc/cpuinfo where torch predates them.
+    """
+    native = {"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"}
+    try:
+        caps = dict(torch.cpu.get_capabilities())
+    except (AttributeError, RuntimeError):
+        return bool(native & _cpuinfo_flags())
+    return any(bool(caps.get(k)) for k in native)
+
+
+def resolve_amp(flag: str | bool, device: torch.device) -> bool:
+    """--amp auto|on|off (or the boolean of earlier versions) -> use bf16 autocast or not."""
+    flag = AMP_LEGACY.get(flag, flag) if isinstance(flag, bool) else flag
+    if flag not in AMP_CHOICES:
+        raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {flag!r}")
+    if flag != "auto":
+        return flag == "on"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def amp_of(ctx) -> str:
+    """What a setup_device context does, for config.json: 'bf16' (autocast) or 'off'."""
+    return "bf16" if isinstance(ctx, torch.autocast) else "off"
+
+
+def setup_device(name: str, amp: str | bool = "auto"):
+    """(device, ctx): ctx is bf16 autocast where --amp resolves to on (resolve_amp), else a
+    no-op context."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,9 +203,12 @@ def setup_device(name: str, amp: bool):
         # TF32 matmuls: about the accuracy of these models, several times the fp32 throughput
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # bf16 needs no GradScaler (fp16 would); on the CPU autocast is left off
-    use_amp = device.type == "cuda" and amp
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+    # bf16 needs no GradScaler (fp16 would)
+    use_amp = resolve_amp(amp, device)
+    if use_amp and device.type == "cpu" and not cpu_has_native_bf16():
+        print("warning: --amp on: this CPU has no native bf16, autocast will be slow",
+              file=sys.stderr)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
     return device, ctx
 
 
@@ -924,6 +986,8 @@ def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str):
         shutil.rmtree(folder)
     if cfg.exists():
         old = read_json(cfg).get("args", {})
+        if isinstance(old.get("amp"), bool):  # a folder made when --amp was boolean
+            old["amp"] = AMP_LEGACY[old["amp"]]
         diff = sorted(k for k in set(old) | set(args) if old.get(k) != args.get(k))
         if diff:
             raise UserError(f"{folder} holds a {what} made with other settings "
@@ -932,13 +996,15 @@ def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str):
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def write_config(folder: Path, args: dict, derived: dict, device: torch.device):
-    """config.json: arguments, derived values, versions, git commit and device."""
+def write_config(folder: Path, args: dict, derived: dict, device: torch.device,
+                 ctx=nullcontext()):
+    """config.json: arguments, derived values, versions, git commit, device and the precision
+    the device context resolved to (amp: 'bf16' or 'off')."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     write_json(Path(folder) / "config.json", {
         "args": jsonable(args), "derived": jsonable(derived), "versions": versions(),
         "git_commit": git_commit(), "device": str(device), "device_name": name,
-        "threads": torch.get_num_threads()})
+        "threads": torch.get_num_threads(), "amp": amp_of(ctx)})
 
 
 def read_run_info(run: Path) -> DatasetInfo:

@@ -1,7 +1,10 @@
-"""Timings: <run>/timings.json phase by phase."""
+"""Timings and precision: <run>/timings.json phase by phase, and what --amp resolves to."""
+import argparse
 import json
+from contextlib import nullcontext
 
 import pytest
+import torch
 
 import common
 
@@ -31,3 +34,62 @@ def test_timings_replace_phases_keep_skipped_ones_and_sum(tmp_path, capsys):
     with pytest.raises(common.UserError, match="does not exist"):
         common.timings_table(tmp_path / "none")
 
+
+@pytest.mark.parametrize("caps,expected", [
+    ({"avx2": True, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, False),
+    ({"avx2": True, "avx512_bf16": True}, True),  # Cooper Lake, Zen 4
+    ({"amx_bf16": True, "amx_tile": True}, True),  # Sapphire Rapids
+    ({"architecture": "arm64", "neon": True, "bf16": True}, True),  # Graviton 3, Apple M2
+    ({"architecture": "arm64", "neon": True}, False),
+])
+def test_native_bf16_from_torch_capabilities(monkeypatch, caps, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert common.cpu_has_native_bf16() is expected
+    device = torch.device("cpu")
+    assert common.resolve_amp("auto", device) is expected  # auto: on only where it is native
+    assert common.resolve_amp("on", device) and not common.resolve_amp("off", device)
+    _, ctx = common.setup_device("cpu", "auto")
+    assert common.amp_of(ctx) == ("bf16" if expected else "off")
+
+
+@pytest.mark.parametrize("flags,expected", [("fpu sse2 avx2 fma", False),
+                                            ("fpu avx2 avx512f avx512bw", False),
+                                            ("fpu avx512f avx512_bf16", True),
+                                            ("fpu amx_tile amx_bf16", True)])
+def test_native_bf16_from_proc_cpuinfo_when_torch_has_no_capabilities(monkeypatch, tmp_path, flags,
+                                                                       expected):
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # a torch from before the API
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(common, "CPUINFO", info)
+    assert common.cpu_has_native_bf16() is expected
+
+
+def test_amp_flag_and_cuda_default(monkeypatch):
+    p = argparse.ArgumentParser()
+    common.add_common_args(p, run_help="")
+    assert p.parse_args([]).amp == "auto" and p.parse_args(["--amp", "off"]).amp == "off"
+    assert p.parse_args(["--amp"]).amp == "auto"  # the boolean flag's spellings still work
+    assert p.parse_args(["--no-amp"]).amp == "off"
+    assert common.resolve_amp("auto", torch.device("cuda"))  # bf16 autocast on every GPU
+    assert common.resolve_amp(True, torch.device("cuda")) and not common.resolve_amp(False, torch.device("cuda"))
+    with pytest.raises(common.UserError, match="--amp must be one of"):
+        common.resolve_amp("fp8", torch.device("cpu"))
+    assert common.amp_of(nullcontext()) == "off"
+    assert common.amp_of(torch.autocast("cpu", dtype=torch.bfloat16)) == "bf16"
+
+
+def test_this_machine_resolves_auto_as_its_cpu_allows(tmp_path):
+    """On an AVX2-only CPU auto is off: the numbers of the embedded run do not move."""
+    device, ctx = common.setup_device("cpu", "auto")
+    assert common.amp_of(ctx) == ("bf16" if common.cpu_has_native_bf16() else "off")
+    common.write_config(tmp_path, {"amp": "auto"}, {}, device, ctx)
+    assert json.loads((tmp_path / "config.json").read_text())["amp"] == common.amp_of(ctx)
+
+
+def test_folders_made_with_the_boolean_amp_still_resume(tmp_path):
+    common.prepare_folder(tmp_path / "job", {"amp": True, "lr": 0.1}, False, "job")
+    common.write_config(tmp_path / "job", {"amp": True, "lr": 0.1}, {}, torch.device("cpu"))
+    common.prepare_folder(tmp_path / "job", {"amp": "auto", "lr": 0.1}, False, "job")
+    with pytest.raises(common.UserError, match=r"other settings \(amp\)"):
+        common.prepare_folder(tmp_path / "job", {"amp": "on", "lr": 0.1}, False, "job")
