@@ -1125,7 +1125,7 @@ class Timings:
         """Record one phase; skipped (True or the reason to print) records nothing."""
         if skipped:
             self.rows.append((phase, seconds, skipped if isinstance(skipped, str) else
-                              "skipped: done earlier"))
+                              "skipped: finished by an earlier call"))
             return
         load_end = load_average()
         record_timing(self.run, phase, seconds, load_start, load_end, **extra)

@@ -40,7 +40,7 @@ def test_rerun_skips_finished_work_and_rejects_other_settings(tiny_run):
     assert "teacher: done earlier" in p.stdout and "dit: done earlier" in p.stdout
     # the closing block says the phases were skipped; timings.json keeps what the work cost
     before = json.loads((run / "timings.json").read_text())
-    assert "01/teacher" in p.stdout and "skipped: done earlier" in p.stdout
+    assert "01/teacher" in p.stdout and "skipped: finished by an earlier call" in p.stdout
     p = run_script("01_train_teacher.py", "--run", run, *TINY_01)
     assert json.loads((run / "timings.json").read_text()) == before
     assert_user_error(run_script("01_train_teacher.py", "--run", run, *TINY_01, "--lr", "0.5", check=False),

@@ -27,7 +27,7 @@ def test_timings_replace_phases_keep_skipped_ones_and_sum(tmp_path, capsys):
     assert f"**{d['01/teacher']['seconds'] + 60:.0f}**" in table.splitlines()[-1]
     t.report("test")
     out = capsys.readouterr().out
-    assert "02/lgd-ipc10" in out and "skipped: done earlier" in out
+    assert "02/lgd-ipc10" in out and "skipped: finished by an earlier call" in out
     (tmp_path / "timings.json").write_text("{half")  # unreadable: starts over, job not lost
     common.record_timing(tmp_path, "01/prior", 1.0, 0.5, 0.5)
     assert list(json.loads((tmp_path / "timings.json").read_text())) == ["01/prior"]
@@ -93,3 +93,4 @@ def test_folders_made_with_the_boolean_amp_still_resume(tmp_path):
     common.prepare_folder(tmp_path / "job", {"amp": "auto", "lr": 0.1}, False, "job")
     with pytest.raises(common.UserError, match=r"other settings \(amp\)"):
         common.prepare_folder(tmp_path / "job", {"amp": "on", "lr": 0.1}, False, "job")
+
