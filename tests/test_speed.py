@@ -1,12 +1,17 @@
-"""Timings and precision: <run>/timings.json phase by phase, and what --amp resolves to."""
+"""Timings, precision and the speed benchmark: <run>/timings.json phase by phase, what --amp
+resolves to, and benchmarks/bench_speed.py at tiny settings (so that it cannot rot)."""
 import argparse
 import json
+import re
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
 import torch
 
 import common
+from conftest import ROOT
 
 
 def test_timings_replace_phases_keep_skipped_ones_and_sum(tmp_path, capsys):
@@ -94,3 +99,17 @@ def test_folders_made_with_the_boolean_amp_still_resume(tmp_path):
     with pytest.raises(common.UserError, match=r"other settings \(amp\)"):
         common.prepare_folder(tmp_path / "job", {"amp": "on", "lr": 0.1}, False, "job")
 
+
+def test_speed_benchmark_runs_and_its_reference_loop_is_faithful(tmp_path):
+    """The benchmark on random models at tiny settings: every section prints, and the reference
+    one-image loop makes the same image as dit.sample at batch 1 from the same seed."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_speed.py"), "--run",
+                        str(tmp_path / "none"), "--images", "4", "--ref-images", "2", "--steps", "4",
+                        "--ipc", "2", "--epochs", "1", "--train-batch", "8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    diffs = [float(d) for d in re.findall(r"max \|difference\| (\S+)", p.stdout)]
+    assert len(diffs) == 2 and max(diffs) < 1e-5, p.stdout  # plain and guided
+    for line in ("command: ", "matmul 2048^2", "plain  ratio", "guided ratio", "% of peak",
+                 "ratio ours / the faster reference", "random initialisation"):
+        assert line in p.stdout, (line, p.stdout[-2000:])
