@@ -676,7 +676,7 @@ def plan(args, device, ctx) -> Job:
 def main():
     args = parse_args()
     device, ctx = common.setup_device(args.device, args.amp)
-    t_start = time.time()
+    t_start, load_start = time.time(), common.load_average()
     job = plan(args, device, ctx)
     if args.dry_run:
         extra = {"join_iterations": delt_joins(job.counts, job.settings["round_iterations"])} \
@@ -692,12 +692,13 @@ def main():
                           ignore=("sample_batch",))
     derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
                "defaults": METHODS[args.method].defaults}
-    common.write_config(job.out, cfg_args, derived, device)
+    common.write_config(job.out, cfg_args, derived, device, ctx)
     print(f"{args.method}: IPC {args.ipc} as {len(job.counts)} stages of "
           f"{'/'.join(map(str, job.counts))} per class, {job.info.num_classes} classes of "
           f"{job.info.name}; {job.scale} scale; device {device}; writing {job.out}")
     if job.settings:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in job.settings.items()))
+    made = []  # (stage, seconds) made by this call
     for k in tqdm(range(len(job.counts)), desc=f"{args.method} stages", unit="stage"):
         folder = job.out / f"stage_{k + 1:02d}"
         if (folder / "manifest.json").exists():
@@ -710,6 +711,7 @@ def main():
         t0 = time.time()
         res = METHODS[args.method].make(job, k)
         m = write_stage(folder, job, k, res, time.time() - t0)
+        made.append((k + 1, round(m["seconds"], 1)))
         job.done.append({"x": res["x"], "y": res["y"], "z": res["z"]})
         extra = {n: m[n] for n in ("current_test_acc", "disc_acc_before", "disc_acc_after")
                  if n in m}
@@ -718,6 +720,12 @@ def main():
                    + ", ".join(f"{n} {v:.3f}" for n, v in {**m["mean_scores"], **extra}.items()))
     if args.method == "delt":  # every stage has its manifest: the batch results are not needed
         shutil.rmtree(job.out / DELT_STATE, ignore_errors=True)
+    # one phase per set, loading the run included; a call that only found finished stages
+    # keeps the entry of the call that made them
+    timings = common.Timings(args.run)
+    timings.add(f"02/{job.out.name}", time.time() - t_start, load_start, skipped=not made,
+                stage_seconds=dict(made), resumed=len(made) < len(job.counts))
+    timings.report("02")
     print(f"02 done in {time.time() - t_start:.0f} s: {job.out}")
 
 
