@@ -25,16 +25,24 @@ SCALE = os.environ.get("DD_NB_SCALE", "small")
 if SCALE not in ("small", "ci"):
     raise ValueError(f"DD_NB_SCALE must be 'small' or 'ci', got {SCALE!r}")
 
+
+def _make_variable(name: str) -> list:
+    """The words of a `NAME ?= ...` line of the Makefile: the demo's settings have one home."""
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line.split("?=")[0].strip() == name:
+            return line.split("?=", 1)[1].split()
+    raise KeyError(f"{name} is not set in the Makefile")
+
+
+MAKE_EVAL_ARGS = _make_variable("EVAL_ARGS")  # how `make demo` runs 03
 # every number a notebook uses that depends on the scale; a notebook prints S in its first cell
 SETTINGS = {
     "small": {"run": ROOT / "runs/mnist5k", "ipc": 50, "ipc_low": 10, "stages": 5, "epochs": 40,
-              "epochs_low": 80, "seeds": 3, "ablation_ipc": 10, "acs_scales": [0, 15], "toy_steps": 200,
-              "eval_args": ["--soft-methods", "none", "--analyses", "redundancy,diversity",
-                            "--analysis-methods", "dit,lgd"]},  # = `make evaluate` (Makefile EVAL_ARGS)
+              "epochs_low": 80, "seeds": 3, "ablation_ipc": 10, "acs_lams": [0, 15], "toy_steps": 200,
+              "eval_args": MAKE_EVAL_ARGS},
     "ci": {"run": ROOT / "runs/nb-ci", "ipc": 5, "ipc_low": 5, "stages": 5, "epochs": 8, "epochs_low": 8,
-           "seeds": 2, "ablation_ipc": 5, "acs_scales": [0, 15], "toy_steps": 60,
-           "eval_args": ["--epochs", "8", "--full-epochs", "1", "--seeds", "2", "--soft-methods", "none",
-                         "--analyses", "redundancy,diversity", "--analysis-methods", "dit,lgd"]},
+           "seeds": 2, "ablation_ipc": 5, "acs_lams": [0, 15], "toy_steps": 60,
+           "eval_args": ["--epochs", "8", "--full-epochs", "1", "--seeds", "2", *MAKE_EVAL_ARGS]},
 }
 S = dict(SETTINGS[SCALE], scale=SCALE)
 if os.environ.get("DD_RUN"):
@@ -50,15 +58,25 @@ CI_02 = {"random": [], "dit": ["--sample-steps", "10"],
          "delt": ["--iterations", "40", "--round-iterations", "10"]}
 
 
-def script(name: str, *args) -> str:
+def script(name: str, *args, quiet=False) -> str:
     """Run one of the numbered scripts as a user would; its stdout, or an error with its last lines."""
     t0 = time.time()
     p = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], cwd=ROOT, capture_output=True,
                        text=True)
     if p.returncode:
         raise RuntimeError(f"{name} {' '.join(map(str, args))} failed:\n{p.stderr[-1500:]}")
-    print(f"{name} {' '.join(map(str, args[2:] if args[:1] == ('--run',) else args))} ({time.time() - t0:.0f} s)")
+    if not quiet:
+        print(f"{name} {' '.join(map(str, args[2:] if args[:1] == ('--run',) else args))} "
+              f"({time.time() - t0:.0f} s)")
     return p.stdout
+
+
+def plan(method: str, ipc: int, *flags) -> dict:
+    """02's plan for a set as `02_distill_stages.py --dry-run` prints it (scale, settings, images per
+    stage; DELT's join iteration of every rank), without making anything."""
+    ensure_run()
+    return json.loads(script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, *flags,
+                             "--dry-run", quiet=True).strip().splitlines()[-1])
 
 
 def _finished(folder: Path) -> bool:
