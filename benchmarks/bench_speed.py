@@ -10,7 +10,7 @@ Sampling (plain CFG and learnability-guided, 50 DDPM steps, CFG 4, window [10, 4
              time, a batch of 2 rows (conditional and null label) for CFG, fp32, the same
              steps and the same guidance work per image (S = CE(f_cur) - 0.5 CE(f_ref) raised
              through the DiT, step normalised by c0 RMS(eps)/RMS(g)). Its first image is
-             checked against dit.sample at batch 1 from the same seed (the same numbers).
+             checked against dit.sample at batch 1 from the same slot seed (the same numbers).
 Student training (convnet-3, hard labels, AdamW, CutMix + random-resized crop, batch 64):
   ours       common.fit on a uint8 split held as one tensor, batched augmentations
   reference  a DataLoader with per-sample torchvision.transforms.v2.RandomResizedCrop and a
@@ -182,9 +182,9 @@ def sampling(prior, teacher, current, n_ours: int, n_ref: int, steps: int, peak:
         guide = dit.Guidance(terms=terms, scale=15.0) if guided else None
         # faithfulness: the reference loop's first image = ours at batch 1, same seed
         ref0 = reference_sample(prior, 0, steps=steps, cfg=4.0, terms=terms if guided else None,
-                                gen=torch.Generator().manual_seed(1))
-        ours0, _, _ = dit.sample(prior, torch.zeros(1, dtype=torch.long), steps=steps, cfg=4.0,
-                                 gen=torch.Generator().manual_seed(1), guidance=guide,
+                                gen=torch.Generator().manual_seed(dit.slot_seed(1, 0)))
+        ours0, _, _ = dit.sample(prior, torch.zeros(1, dtype=torch.long), [1], steps=steps, cfg=4.0,
+                                 guidance=guide,
                                  batch_size=1, progress=False)
         diff = (ref0 - ours0).abs().max().item()
         print(f"  {name}: reference loop vs dit.sample at batch 1, same seed: max |difference| "
@@ -200,14 +200,15 @@ def sampling(prior, teacher, current, n_ours: int, n_ref: int, steps: int, peak:
         per_image = (steps - inside) * plain_f + inside * guided_f if guided else \
             steps * plain_f
         load0 = load()
-        s_ours = timed(lambda: dit.sample(prior, y_ours, steps=steps, cfg=4.0,
-                                          gen=torch.Generator().manual_seed(0), guidance=guide,
+        s_ours = timed(lambda: dit.sample(prior, y_ours, list(range(len(y_ours))), steps=steps,
+                                          cfg=4.0, guidance=guide,
                                           batch_size=len(y_ours), progress=False))
         load1 = load()
-        gen = torch.Generator().manual_seed(0)
-        s_ref = timed(lambda: [reference_sample(prior, c, steps=steps, cfg=4.0, gen=gen,
+        # slot i's noise as dit.sample draws it (candidate 0 of seed i)
+        s_ref = timed(lambda: [reference_sample(prior, c, steps=steps, cfg=4.0,
+                                                gen=torch.Generator().manual_seed(dit.slot_seed(i, 0)),
                                                 terms=terms if guided else None)
-                               for c in labels_ref])
+                               for i, c in enumerate(labels_ref)])
         load2 = load()
         ips_ours, ips_ref = len(y_ours) / s_ours, n_ref / s_ref
         results[name] = (ips_ours, ips_ref)
