@@ -480,7 +480,7 @@ def igd_settings(job: Job, s: dict) -> dict:
     missing = [e for e in epochs if e not in found]
     if missing or not epochs:
         raise common.UserError(f"--trajectory {s['trajectory']}: {job.args.run}/surrogate has no "
-                               f"checkpoint of epoch(s) {missing or epochs}, only "
+                               f"checkpoint of epoch(s) {missing or 'given'}, only "
                                f"{sorted(found)}; choose among those or retrain with "
                                f"01_train_teacher.py --surrogate-keep")
     s["trajectory"] = epochs
