@@ -67,7 +67,7 @@ def equal_stages(args, settings: dict) -> list:
 
 @dataclass
 class Method:
-    make: Callable  # (job, k, gen) -> the stage's images, labels, latents, scores
+    make: Callable  # (job, k) -> stage k's images, labels, latents, scores
     defaults: dict = field(default_factory=dict)  # flag -> {"paper": v, "small": v}
     uses_prior: bool = True  # reads <run>/dit
     stages: Callable = equal_stages  # (args, settings) -> images per class of each stage
@@ -154,7 +154,8 @@ def parse_args(argv=None):
     g.add_argument("--cfg", type=float, default=4.0,
                    help="classifier-free guidance scale (papers: 4.0)")
     g.add_argument("--sample-batch", type=common.positive_int, default=120,
-                   help="samples per forward pass")
+                   help="samples per forward pass (candidates included); a batch never holds "
+                        "two images of one class, and the images do not depend on it")
     g = p.add_argument_group("method settings (default: the method's column for --scale)")
     for flag, kw in METHOD_FLAGS.items():
         users = {m: spec.defaults[flag] for m, spec in METHODS.items() if flag in spec.defaults}
@@ -211,33 +212,51 @@ class Job:
         return common.Split(torch.cat([d["x"] for d in self.done]),
                             torch.cat([d["y"] for d in self.done]))
 
-    def memory(self) -> dit.Memory:
+    def memory(self, size: int) -> dit.Memory:
         """A deviation memory holding the latents of every finished stage (FIFO per class)."""
-        mem = dit.Memory(self.settings["memory"])
+        mem = dit.Memory(size)
         for d in self.done:
             if d["z"] is not None:
                 mem.add(d["z"], d["y"])
         return mem
 
-    def sample(self, gen, guidance=None, candidates=1, score=None, desc="sample"):
-        """One increment of DiT samples (images, latents, kept scores), class-major."""
-        a = self.args
-        return dit.sample(self.prior, self.labels(), steps=a.sample_steps, cfg=a.cfg,
-                          gen=gen, guidance=guidance, candidates=candidates, score=score,
-                          batch_size=a.sample_batch, ctx=self.ctx, desc=desc)
+    def sample(self, k: int, guidance=None, candidates=1, score=None, desc="sample"):
+        """Stage k's increment of DiT samples (images, latents, kept scores), class-major.
 
-    def guidance(self, terms: list) -> dit.Guidance:
-        """The method's guidance settings around `terms`, with the memory of earlier stages."""
-        s = self.settings
+        Slots are sampled slot-major (image j of every class, then image j + 1), so the memory
+        moves on after every batch; slot (c, j) draws its noise from its own seed, so neither
+        the process that samples class c nor the order of the batches changes its image.
+        """
+        a, C, n = self.args, self.info.num_classes, self.per_stage
+        y = torch.arange(C, device=self.device).repeat(n)  # slot-major: slot j * C + c = (c, j)
+        seeds = [dit.slot_seed(stage_seed(a.seed, k), c, j) for j in range(n) for c in range(C)]
+        # a batch = one group of consecutive classes in one round j; the groups are fixed by
+        # --sample-batch alone, so the batches are the same whatever order they are made in
+        group = max(1, a.sample_batch // candidates)
+        slot_batches = [list(range(j * C + g, j * C + min(g + group, C)))
+                        for j in range(n) for g in range(0, C, group)]
+        imgs, z, scores = dit.sample(self.prior, y, seeds, steps=a.sample_steps, cfg=a.cfg,
+                                     guidance=guidance, candidates=candidates, score=score,
+                                     slot_batches=slot_batches, ctx=self.ctx, desc=desc)
+        # back to the class-major order of the stage's files
+        order = torch.arange(n * C, device=imgs.device).view(n, C).t().flatten()
+        return imgs[order], z[order], scores[order]
+
+    def guidance(self, terms: list, s: dict | None = None) -> dit.Guidance:
+        """The guidance settings `s` (default the method's) around `terms`, with the memory of
+        earlier stages."""
+        s = s or self.settings
         return dit.Guidance(terms=terms, scale=s["lam"], c0=s["c0"], window=s["window"],
-                            deviation=s["gamma"], memory=self.memory(), eps_const=s["eps_const"])
+                            deviation=s["gamma"], memory=self.memory(s["memory"]),
+                            eps_const=s["eps_const"])
 
     def train_guide(self, k: int, proto: common.Protocol, name: str) -> common.Classifier:
-        """f_cur / D_k: trained from scratch on every finished stage, seeded by the stage."""
+        """f_cur / D_k: trained from scratch on every finished stage, seeded by the stage, then
+        frozen (guidance needs gradients with respect to images only)."""
         model = common.build_model(self.settings["guide_model"], self.info).to(self.device)
-        return common.fit(model, self.union(), self.info, proto,
-                          epochs=self.settings["guide_epochs"], seed=stage_seed(self.args.seed, k),
-                          ctx=self.ctx, desc=f"stage {k + 1} {name}")
+        common.fit(model, self.union(), self.info, proto, epochs=self.settings["guide_epochs"],
+                   seed=stage_seed(self.args.seed, k), ctx=self.ctx, desc=f"stage {k + 1} {name}")
+        return model.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -287,7 +306,7 @@ def load_stage(folder: Path, job: Job) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
-def make_random(job: Job, k: int, gen) -> dict:
+def make_random(job: Job, k: int) -> dict:
     """Class-balanced real images: stage k takes block k of each class's permutation."""
     perms = common.class_permutations(job.real.y, job.info.num_classes, job.args.seed)
     lo, hi = k * job.per_stage, (k + 1) * job.per_stage
@@ -306,9 +325,9 @@ def check_random(job: Job, purpose="", alternative=""):
                                f"--ipc {alternative}".strip())
 
 
-def make_dit(job: Job, k: int, gen) -> dict:
+def make_dit(job: Job, k: int) -> dict:
     """Plain CFG sampling: the baseline every guided method is compared with."""
-    imgs, z, _ = job.sample(gen, desc=f"stage {k + 1} dit")
+    imgs, z, _ = job.sample(k, desc=f"stage {k + 1} dit")
     return {"x": common.to_u8(imgs), "y": job.labels(), "z": z, "scores": {}}
 
 
@@ -364,21 +383,21 @@ def read_init_folder(job: Job) -> common.Split:
     return x.to(job.device)
 
 
-def make_lgd(job: Job, k: int, gen) -> dict:
+def make_lgd(job: Job, k: int) -> dict:
     """Stage 1: plain DiT, IGD (--init-set igd) or --init-folder; stage k > 1: learnability
     guidance vs f_cur."""
     if k == 0:
         if job.settings["init_set"] == "igd":  # IGD's sampling with igd's own settings
-            return make_igd(job, k, gen, job.settings["init_igd"])
+            return make_igd(job, k, job.settings["init_igd"])
         if job.settings["init_folder"] is None:
-            return make_dit(job, k, gen)
+            return make_dit(job, k)
         x = read_init_folder(job)
         with torch.no_grad(), job.ctx:
             z = job.prior.encode(common.to_float(x.x)).float()
         return {"x": x.x, "y": x.y, "z": z, "scores": {}}
     current = job.train_guide(k, common.Protocol("hard"), "f_cur")
     terms = dit.learnability_terms(current, job.teacher, job.settings["omega"])
-    imgs, z, S = job.sample(gen, job.guidance(terms), candidates=job.settings["candidates"],
+    imgs, z, S = job.sample(k, job.guidance(terms), candidates=job.settings["candidates"],
                             score=lambda im, yy: dit.objective(terms, im, yy),
                             desc=f"stage {k + 1} lgd")
     x, y = common.to_u8(imgs), job.labels()
@@ -413,21 +432,19 @@ METHODS["lgd"] = Method(make_lgd, {**GUIDED, "candidates": both(3), "init_folder
 # ------------------------------------------------------------------------------------------
 
 
-def make_acs(job: Job, k: int, gen) -> dict:
+def make_acs(job: Job, k: int) -> dict:
     """Curriculum 1: plain DiT + deviation; curriculum k > 1: adversarial guidance vs D_k."""
     y = job.labels()
     if k == 0:
-        imgs, z, _ = job.sample(gen, job.guidance([]), desc="curriculum 1")
+        imgs, z, _ = job.sample(k, job.guidance([]), desc="curriculum 1")
         return {"x": common.to_u8(imgs), "y": y, "z": z, "scores": {}}
     # D_k: SGD 0.01, momentum 0.9, wd 5e-4, CutMix + crop, MultiStep (the precursor's recipe)
     disc = job.train_guide(k, common.Protocol("hard", lr=0.01, wd=5e-4, optimizer="sgd"), "D_k")
     terms = dit.adversarial_terms(disc, job.teacher, job.settings["omega"],
                                   job.settings["adv_form"])
     # the same curriculum without the adversarial term, from the same noise: D_k's "before"
-    state = gen.get_state()
-    before, _, _ = job.sample(gen, job.guidance([]), desc=f"curriculum {k + 1} unguided")
-    gen.set_state(state)
-    imgs, z, _ = job.sample(gen, job.guidance(terms), desc=f"curriculum {k + 1} acs")
+    before, _, _ = job.sample(k, job.guidance([]), desc=f"curriculum {k + 1} unguided")
+    imgs, z, _ = job.sample(k, job.guidance(terms), desc=f"curriculum {k + 1} acs")
     x, train = common.to_u8(imgs), job.union()
     return {"x": x, "y": y, "z": z, "models": {"discriminator.pt": disc},
             "scores": {"ce_disc": ce(disc, x, y, job.ctx).tolist()},
@@ -447,9 +464,11 @@ METHODS["acs"] = Method(make_acs, {**GUIDED, "adv_form": both("ce")}, check=chec
 # of a surrogate trained on real data (01 --surrogate). IGD itself is one pass; its increments
 # exist so that 03 can take the set apart (§7.6): each stage's deviation memory holds the
 # latents of every earlier stage, and within a stage those of earlier batches, as one pass has.
-# Deviations from the reference code: whole batches instead of one image at a time (the step
-# is per sample, so a batch changes nothing but which images the memory holds), and the
-# memory grows per batch instead of per image.
+# Job.sample runs slot-major batches that never hold two images of one class and updates the
+# memory after every batch, so image j of class c is pushed away from images 0..j-1 of c, as in
+# the reference code's one-image loop. What differs: a batch holds one image of several classes
+# (the step is per sample, so only float rounding can tell), and each slot's noise comes from
+# its own seed (dit.slot_seed) rather than one stream.
 # ------------------------------------------------------------------------------------------
 
 REAL_GRADS = "real_grads.pt"  # in <run>/surrogate/: g_real per checkpoint, computed once
@@ -544,20 +563,14 @@ def igd_terms(job: Job, s: dict) -> list:
     return job.cache[cache_key]
 
 
-def make_igd(job: Job, k: int, gen, s: dict | None = None) -> dict:
+def make_igd(job: Job, k: int, s: dict | None = None) -> dict:
     """Stage k: influence-guided sampling with the deviation term against earlier stages.
 
     `s`: igd's settings; lgd --init-set igd passes igd's defaults for its first increment.
     """
     s = s or job.settings
     terms = igd_terms(job, s)
-    memory = dit.Memory(s["memory"])  # every earlier stage's latents (FIFO per class)
-    for d in job.done:
-        if d["z"] is not None:
-            memory.add(d["z"], d["y"])
-    guide = dit.Guidance(terms=terms, scale=s["lam"], c0=s["c0"], window=s["window"],
-                         deviation=s["gamma"], memory=memory, eps_const=s["eps_const"])
-    imgs, z, _ = job.sample(gen, guide, desc=f"stage {k + 1} igd")
+    imgs, z, _ = job.sample(k, job.guidance(terms, s), desc=f"stage {k + 1} igd")
     x, y = common.to_u8(imgs), job.labels()
     # scores of the images as saved: the gradient cosine per checkpoint and G = mean(cos) - 1,
     # in sampler-sized chunks (per-sample gradients take batch x parameters of memory)
@@ -768,7 +781,7 @@ def delt_run(job: Job) -> list:
     return files
 
 
-def make_delt(job: Job, k: int, gen) -> dict:
+def make_delt(job: Job, k: int) -> dict:
     """Stage k = join round k's group of every class; the first call runs the optimisation."""
     if "delt" not in job.cache:
         job.cache["delt"] = delt_run(job)
@@ -815,7 +828,8 @@ def plan(args, device, ctx) -> Job:
     """Read the run, resolve the settings and check every input before anything is written."""
     info = common.read_run_info(args.run)
     method = METHODS[args.method]
-    teacher = common.load_run_teacher(args.run, info, device)
+    # the reference model is frozen: guidance needs its gradients with respect to images only
+    teacher = common.load_run_teacher(args.run, info, device).requires_grad_(False)
     prior = dit.load_run_prior(args.run, info, device) if method.uses_prior else None
     scale = common.resolve_scale(args.scale, info.name)
     settings = resolve_settings(args, scale)
@@ -835,7 +849,7 @@ def plan(args, device, ctx) -> Job:
 def main():
     args = parse_args()
     device, ctx = common.setup_device(args.device, args.amp)
-    t_start = time.time()
+    t_start, load_start = time.time(), common.load_average()
     job = plan(args, device, ctx)
     if args.dry_run:
         extra = {"join_iterations": delt_joins(job.counts, job.settings["round_iterations"])} \
@@ -845,15 +859,19 @@ def main():
                                           "settings": job.settings, **extra})))
         return
     cfg_args = {k: v for k, v in vars(args).items() if k not in ("overwrite", "dry_run")}
-    common.prepare_folder(job.out, cfg_args, args.overwrite, "distilled set")
+    # --sample-batch only groups slots into batches (dit.sample): rerunning with another one
+    # (after running out of memory, say) resumes instead of asking for --overwrite
+    common.prepare_folder(job.out, cfg_args, args.overwrite, "distilled set",
+                          ignore=("sample_batch",))
     derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
                "defaults": METHODS[args.method].defaults}
-    common.write_config(job.out, cfg_args, derived, device)
+    common.write_config(job.out, cfg_args, derived, device, ctx)
     print(f"{args.method}: IPC {args.ipc} as {len(job.counts)} stages of "
           f"{'/'.join(map(str, job.counts))} per class, {job.info.num_classes} classes of "
           f"{job.info.name}; {job.scale} scale; device {device}; writing {job.out}")
     if job.settings:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in job.settings.items()))
+    made = []  # (stage, seconds) made by this call
     for k in tqdm(range(len(job.counts)), desc=f"{args.method} stages", unit="stage"):
         folder = job.out / f"stage_{k + 1:02d}"
         if (folder / "manifest.json").exists():
@@ -863,10 +881,10 @@ def main():
         if folder.exists():
             shutil.rmtree(folder)  # unfinished: start the stage again from its own seed
         common.seed_everything(stage_seed(args.seed, k))
-        gen = torch.Generator().manual_seed(stage_seed(args.seed, k))  # the stage's noise
         t0 = time.time()
-        res = METHODS[args.method].make(job, k, gen)
+        res = METHODS[args.method].make(job, k)
         m = write_stage(folder, job, k, res, time.time() - t0)
+        made.append((k + 1, round(m["seconds"], 1)))
         job.done.append({"x": res["x"], "y": res["y"], "z": res["z"]})
         extra = {n: m[n] for n in ("current_test_acc", "disc_acc_before", "disc_acc_after")
                  if n in m}
@@ -875,6 +893,12 @@ def main():
                    + ", ".join(f"{n} {v:.3f}" for n, v in {**m["mean_scores"], **extra}.items()))
     if args.method == "delt":  # every stage has its manifest: the batch results are not needed
         shutil.rmtree(job.out / DELT_STATE, ignore_errors=True)
+    # one phase per set, loading the run included; a call that only found finished stages
+    # keeps the entry of the call that made them
+    timings = common.Timings(args.run)
+    timings.add(f"02/{job.out.name}", time.time() - t_start, load_start, skipped=not made,
+                stage_seconds=dict(made), resumed=len(made) < len(job.counts))
+    timings.report("02")
     print(f"02 done in {time.time() - t_start:.0f} s: {job.out}")
 
 

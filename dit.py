@@ -2,7 +2,7 @@
 
 One DDPM ancestral step, with guidance inside the window (guided_step below):
   eps    = CFG-combined noise prediction (conditional and null halves in one batch)
-  x_t-1  = plain ancestral step(eps, t, x_t)              noise from the caller's generator only
+  x_t-1  = plain ancestral step(eps, t, x_t)              noise from the slot's own generator
   x0     = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);   img = decode(x0)  (VAE or identity)
   G      = sum_k w_k score_k(img, y)                       per-sample objective, to be *raised*
   g      = dG/dx_t                                         through the DiT's eps, or eps held fixed
@@ -13,12 +13,18 @@ is added to the sample so that the score goes up (tests/test_guidance.py pins th
 
 Sections: 1 building and loading a prior; 2 guidance terms and the deviation memory;
 3 one guided step; 4 the sampler with kappa candidates per slot.
+
+Every slot (one image to make) has its own noise seed and a batch never holds two slots of one
+class, so an image does not depend on the order in which batches are made, nor on which process
+makes them. It can depend on the batch's size in the last bit of a float: PyTorch's vectorised
+CPU kernels treat the tail of a tensor apart, so a row's rounding can change with the batch.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -62,7 +68,11 @@ class Prior:
     """
 
     def __init__(self, transformer, scheduler_config: dict, info: C.DatasetInfo, vae=None):
-        self.transformer, self.vae, self.info = transformer.eval(), vae, info
+        # frozen: guidance differentiates through the DiT and the VAE for the input's gradient
+        # only; without this every guided step would also keep activations for weight gradients
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.info = info
         self.scheduler_config = dict(scheduler_config)
         self.num_labels = transformer.config.num_embeds_ada_norm
         self.learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
@@ -116,11 +126,13 @@ class Prior:
         null = torch.full_like(y_dit, self.num_labels)
         xx = torch.cat([x, x])  # (2B, C, H, W): conditional rows, then null-label rows
         tt = torch.full((2 * B,), int(t), device=x.device, dtype=torch.long)
-        out = self.transformer(xx, tt, torch.cat([y_dit, null])).sample  # (2B, C or 2C, H, W)
+        # fp32 from here on: under bf16 autocast the CFG difference and x0 = (...) / sqrt(abar)
+        # (up to ~70x at the start of the window) would amplify bf16's rounding
+        out = self.transformer(xx, tt, torch.cat([y_dit, null])).sample.float()  # (2B, C|2C, H, W)
         out, var = out[:, :C_], (out[:, C_:2 * C_][:B] if self.learned_sigma else None)
         if self.scheduler_config.get("prediction_type") == "v_prediction":
             a = sched.alphas_cumprod[int(t)].to(x.device)
-            out = a.sqrt() * out + (1 - a).sqrt() * xx  # eps = sqrt(abar) v + sqrt(1-abar) x_t
+            out = a.sqrt() * out + (1 - a).sqrt() * xx.float()  # eps = sqrt(abar) v + ...x_t
         cond, uncond = out[:B], out[B:]
         return uncond + cfg * (cond - uncond), var
 
@@ -386,9 +398,10 @@ def _rms(v: torch.Tensor) -> torch.Tensor:
 # ==========================================================================================
 
 
-def guided_step(prior: Prior, x, t, y_dit, y, cfg: float, sched, gen, guide: Guidance | None,
-                ctx=nullcontext()) -> torch.Tensor:
-    """x_t (B, C, H, W) -> x_{t-1}; `guide` None (or outside its window) is a plain step."""
+def guided_step(prior: Prior, x, t, y_dit, y, cfg: float, sched, gens: list,
+                guide: Guidance | None, ctx=nullcontext()) -> torch.Tensor:
+    """x_t (B, C, H, W) -> x_{t-1}; guide None (outside the window) is a plain step.
+    gens[b] draws row b's ancestral noise."""
     guided = guide is not None
     with torch.enable_grad() if guided else torch.no_grad():
         xg = x.detach().requires_grad_(guided)
@@ -397,7 +410,7 @@ def guided_step(prior: Prior, x, t, y_dit, y, cfg: float, sched, gen, guide: Gui
         with ctx, nullcontext() if eps_grad else torch.no_grad():
             eps, var = prior.eps(xg, t, y_dit, cfg, sched)  # (B, C, H, W), var or None
         out = eps.detach() if var is None else torch.cat([eps.detach(), var.detach()], 1)
-        x_prev = sched.step(out.float(), t, x, generator=gen).prev_sample  # (B, C, H, W)
+        x_prev = sched.step(out.float(), t, x, generator=gens).prev_sample  # (B, C, H, W)
         if not guided:
             return x_prev
         delta = torch.zeros_like(xg)  # the guidance displacement of x_{t-1}
@@ -421,40 +434,67 @@ def guided_step(prior: Prior, x, t, y_dit, y, cfg: float, sched, gen, guide: Gui
 # ==========================================================================================
 
 
-def sample(prior: Prior, y: torch.Tensor, *, steps=50, cfg=4.0, gen: torch.Generator,
-           guidance: Guidance | None = None, candidates=1, score=None, batch_size=256,
-           ctx=nullcontext(), progress=True, desc="sample"):
-    """One image per dataset label in y: (images (N, C, H, W) in [0, 1], final latents, scores).
+def slot_seed(*keys: int) -> int:
+    """A noise seed from integer keys (e.g. stage seed, class, index): independent streams."""
+    return int(np.random.SeedSequence([k % 2 ** 32 for k in keys]).generate_state(1)[0])
 
-    guidance None is plain CFG sampling (the `dit` baseline). With candidates = kappa > 1 every
-    slot gets kappa candidates side by side in one batch and keeps the one whose final image
-    has the highest `score(img, y)` (LGD's selection, §3); `scores` are the kept ones' (zeros
-    without a score). After each batch the kept latents join the guidance's deviation memory.
-    Noise comes from `gen` only, and guidance draws no random numbers, so the same seed
-    rebuilds the same images.
+
+def batches(y: torch.Tensor, size: int) -> list:
+    """Consecutive runs of slot indices, each of at most `size` slots and no class twice, so a
+    slot's batch-mates never include an earlier image of its own class."""
+    out, seen = [[]], set()
+    for i, c in enumerate(y.tolist()):
+        if len(out[-1]) == size or c in seen:
+            out.append([])
+            seen = set()
+        out[-1].append(i)
+        seen.add(c)
+    return [b for b in out if b]
+
+
+def sample(prior: Prior, y: torch.Tensor, seeds: list, *, steps=50, cfg=4.0,
+           guidance: Guidance | None = None, candidates=1, score=None, batch_size=256,
+           slot_batches: list | None = None, ctx=nullcontext(), progress=True, desc="sample"):
+    """One image per slot (label y[i], noise seed seeds[i]): (images (N, C, H, W) in [0, 1],
+    final latents, scores), in the order of y.
+
+    guidance None is plain CFG sampling (the `dit` baseline). With candidates = kappa > 1 each
+    slot gets kappa candidates side by side in one batch (candidate j's noise from
+    slot_seed(seeds[i], j)) and keeps the one whose final image has the highest `score(img, y)`
+    (LGD's selection, §3); `scores` are the kept ones' (zeros without a score). After each
+    batch the kept latents join the guidance's deviation memory: give y in slot-major order
+    (one image of every class, then the next) to update it as often as the classes allow, as
+    IGD does. Guidance draws no random numbers, so the same seeds rebuild the same images.
+    slot_batches (lists of indices into y) fixes the batches; default batches(y, batch_size //
+    candidates).
     """
-    chunk = max(1, batch_size // candidates)  # slots per batch
-    imgs, zs, scores = [], [], []
-    for i0 in tqdm(range(0, len(y), chunk), desc=desc, unit="batch", disable=not progress,
-                   leave=False):
-        y_slots = y[i0:i0 + chunk]  # (n,)
+    if len(seeds) != len(y):
+        raise ValueError(f"{len(y)} labels but {len(seeds)} noise seeds")
+    imgs, zs, scores = [None] * len(y), [None] * len(y), [None] * len(y)
+    if slot_batches is None:
+        slot_batches = batches(y, max(1, batch_size // candidates))
+    for slots in tqdm(slot_batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        y_slots = y[slots]  # (n,) distinct classes
         yk = y_slots.repeat_interleave(candidates)  # (n * kappa,): a slot's candidates together
         y_dit = prior.labels(yk)
+        # one CPU generator per candidate: the same noise on any device and in any batch
+        gens = [torch.Generator().manual_seed(slot_seed(seeds[i], j)) for i in slots
+                for j in range(candidates)]
         sched = prior.scheduler(steps)
-        x = torch.randn((len(yk), *prior.latent_shape), generator=gen,
-                        device=gen.device).to(prior.device)  # (n * kappa, C, H, W)
+        x = torch.stack([torch.randn(prior.latent_shape, generator=g) for g in gens])
+        x = x.to(prior.device)  # (n * kappa, C, H, W)
         for i, t in enumerate(sched.timesteps):
             guide = guidance if guidance is not None and guidance.active(i, steps) else None
-            x = guided_step(prior, x, t, y_dit, yk, cfg, sched, gen, guide, ctx).detach()
+            x = guided_step(prior, x, t, y_dit, yk, cfg, sched, gens, guide, ctx).detach()
         with torch.no_grad(), ctx:
             img = prior.decode(x).float()  # (n * kappa, C, H, W)
             sc = score(img, yk).float() if score is not None else \
                 torch.zeros(len(yk), device=img.device)
         # keep the best candidate of each slot: index of its row in the batch
-        best = sc.view(len(y_slots), candidates).argmax(1) + \
-            torch.arange(len(y_slots), device=img.device) * candidates
-        img, x, sc = img[best], x[best], sc[best]
+        best = sc.view(len(slots), candidates).argmax(1) + \
+            torch.arange(len(slots), device=img.device) * candidates
         if guidance is not None and guidance.memory is not None:
-            guidance.memory.add(x, y_slots)
-        imgs.append(img), zs.append(x), scores.append(sc)
-    return torch.cat(imgs), torch.cat(zs), torch.cat(scores)
+            guidance.memory.add(x[best], y_slots)
+        for row, i in zip(best.tolist(), slots):
+            imgs[i], zs[i], scores[i] = img[row], x[row], sc[row]
+    return torch.stack(imgs), torch.stack(zs), torch.stack(scores)

@@ -145,8 +145,7 @@ def test_bad_inputs_give_one_line(run, tmp_path):
     # a finished folder made with other settings is not silently mixed with new ones
     if not (run / "distilled" / "dit-ipc4").exists():
         distill(run, "dit")
-    bad("--run", run, "--method", "dit", *TINY_02[:-2], "--sample-batch", "7",
-        frags=["other settings", "--overwrite"])
+    bad("--run", run, "--method", "dit", *TINY_02, "--cfg", "2", frags=["other settings", "--overwrite"])
     # the teacher of another dataset in the run folder
     other = tmp_path / "other"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("distilled"))
@@ -154,3 +153,28 @@ def test_bad_inputs_give_one_line(run, tmp_path):
     ck["classes"] = [f"c{i}" for i in range(10)]
     torch.save(ck, other / "teacher" / "teacher.pt")
     bad("--run", other, "--method", "dit", *TINY_02)
+
+
+def test_sample_batch_is_not_a_setting(run, tmp_path):
+    """--sample-batch only groups slots into batches: a rerun with another one resumes the
+    folder, and batches of the same classes give the same bytes."""
+    out = tmp_path / "dit-ipc4"
+    distill(run, "dit", "--out", out)
+    before = files(out)
+    p = distill(run, "dit", "--out", out, "--sample-batch", "15")  # both batch 10 classes whole
+    assert p.stdout.count("done earlier") == 2
+    distill(run, "dit", "--out", out, "--sample-batch", "15", "--overwrite")
+    assert files(out) == before
+
+
+def test_acs_curriculum_one_applies_the_deviation_term_within_the_stage(run, tmp_path):
+    """Slot-major sampling updates the memory after every batch: the first image of each class
+    in curriculum 1 is plain DiT sampling (empty memory, same noise as dit), the second is
+    pushed away from the first."""
+    for m in ("dit", "acs"):
+        distill(run, m, "--out", tmp_path / m, "--stages", "1", "--ipc", "2")
+    dit_files, acs_files = files(tmp_path / "dit"), files(tmp_path / "acs")
+    for c in range(10):
+        first, second = f"stage_01/{c}/000000.png", f"stage_01/{c}/000001.png"
+        assert acs_files[first] == dit_files[first]
+        assert acs_files[second] != dit_files[second]

@@ -45,8 +45,8 @@ def test_sampling_is_seeded_and_cfg_matters():
     y = torch.arange(10)
 
     def run(seed, cfg=4.0):
-        return dit.sample(prior, y, steps=5, cfg=cfg, gen=torch.Generator().manual_seed(seed),
-                          progress=False)[0]
+        seeds = [dit.slot_seed(seed, i) for i in range(len(y))]
+        return dit.sample(prior, y, seeds, steps=5, cfg=cfg, progress=False)[0]
     a, b, c = run(1), run(1), run(2)
     assert a.shape == (10, 1, 28, 28) and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -108,8 +108,8 @@ def test_offline_pretrained_latent_pipeline(tmp_path):
     folder = save_tiny_latent_pipeline(tmp_path / "pipe", num_labels=3)
     prior = dit.load_prior(folder, info, "cpu")
     assert prior.vae is not None and prior.learned_sigma and prior.latent_shape == (4, 8, 8)
-    imgs, z, _ = dit.sample(prior, torch.tensor([0, 1, 2]), steps=3, cfg=4.0,
-                       gen=torch.Generator().manual_seed(0), progress=False)
+    imgs, z, _ = dit.sample(prior, torch.tensor([0, 1, 2]), [0, 1, 2], steps=3, cfg=4.0,
+                            progress=False)
     assert imgs.shape == (3, 3, 16, 16) and z.shape == (3, 4, 8, 8)
     assert torch.isfinite(imgs).all()
     # decoding undoes the VAE scaling factor; the learned variance reaches the scheduler
@@ -143,3 +143,45 @@ def test_bad_dit_inputs(tmp_path):
     rgb = common.DatasetInfo("rgb", 3, 28, (0.5,) * 3, (0.5,) * 3, [str(i) for i in range(10)], flip=True)
     with pytest.raises(common.UserError, match="1-channel images"):
         dit.Prior(tiny_pixel_prior(info).transformer, dict(dit.make_train_scheduler().config), rgb)
+
+
+def test_images_do_not_depend_on_the_order_or_sharing_of_batches():
+    """Each slot's noise comes from its own seed and a batch never holds a class twice, so the
+    same batches made in another order, or split between two processes (two calls here), give
+    the same images and latents, bit for bit."""
+    info, _, _ = common.load_dataset("mnist5k")
+    prior = tiny_pixel_prior(info)
+    y = torch.arange(10).repeat(3)  # slot-major: three images of every class
+    seeds = [dit.slot_seed(7, int(c), j // 10) for j, c in enumerate(y)]
+    groups = [[j * 10 + c for c in range(g, g + 5)] for j in range(3) for g in (0, 5)]
+
+    def run(slots, batches):
+        imgs, z, _ = dit.sample(prior, y[slots], [seeds[i] for i in slots], steps=4,
+                                slot_batches=batches, progress=False)
+        return dict(zip(slots, imgs)), dict(zip(slots, z))
+    img, z = run(list(range(30)), groups)
+    # the two halves of the classes, as two processes would make them
+    for half in (0, 5):
+        slots = [i for i in range(30) if (i % 10 >= 5) == bool(half)]
+        part = [[slots.index(i) for i in b] for b in groups if b[0] in slots]
+        img_h, z_h = run(slots, part)
+        assert all(torch.equal(img_h[i], img[i]) and torch.equal(z_h[i], z[i]) for i in slots)
+    # the rounds' groups in the other order (class 5-9 first): same bits
+    swapped = [b for j in range(3) for b in (groups[2 * j + 1], groups[2 * j])]
+    img_s, z_s = run(list(range(30)), swapped)
+    assert all(torch.equal(img_s[i], img[i]) and torch.equal(z_s[i], z[i]) for i in range(30))
+
+
+def test_batches_never_hold_a_class_twice():
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 2, 2, 0])
+    b = dit.batches(y, size=5)
+    assert sum(b, []) == list(range(9))  # every slot once, in order
+    assert all(len(set(y[i].item() for i in batch)) == len(batch) <= 5 for batch in b)
+    assert b == [[0, 1, 2], [3, 4, 5], [6], [7, 8]]
+    assert dit.batches(y, size=2) == [[0, 1], [2, 3], [4, 5], [6], [7, 8]]
+
+
+def test_the_prior_is_frozen():
+    info, _, _ = common.load_dataset("mnist5k")
+    prior = tiny_pixel_prior(info)
+    assert not any(p.requires_grad for p in prior.transformer.parameters())

@@ -23,8 +23,9 @@ Y = torch.arange(10).repeat(2)
 
 def run(prior, guidance=None, seed=3, steps=10, y=Y):
     """(images, latents) of one batch from a fixed noise seed."""
-    return dit.sample(prior, y, steps=steps, cfg=4.0, gen=torch.Generator().manual_seed(seed), guidance=guidance,
-                      batch_size=len(y), progress=False)[:2]
+    seeds = [dit.slot_seed(seed, i) for i in range(len(y))]
+    return dit.sample(prior, y, seeds, steps=steps, cfg=4.0, guidance=guidance, batch_size=len(y),
+                      progress=False)[:2]
 
 
 def test_all_scales_zero_reproduce_plain_sampling_exactly(setup):
