@@ -1,6 +1,7 @@
 """Benchmark: seconds per image of plain, LGD-guided and IGD-guided DiT sampling, in one run.
 
-Each method samples the same labels from the same noise in one batch with CFG 4 and its own
+Each method samples the same labels from the same noise (one batch of one image per class, as
+02 batches a stage; --per-class N: N such batches) with CFG 4 and its own
 guidance (docs/methods.md §2.7): LGD lambda 15, terms CE(f_cur) - 0.5 CE(f_ref), window
 [10, 45] = 36 guided steps of 50; IGD k 5, the influence term over the surrogate's trajectory
 (a per-sample double backward through every checkpoint), window [30, 45] = 16 of 50. Both
@@ -61,13 +62,14 @@ def models(run: Path | None):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, default=None, help="run folder of 01 (default: random)")
-    p.add_argument("--per-class", type=int, default=1, help="images per class in the batch")
+    p.add_argument("--per-class", type=int, default=1,
+                   help="images per class (a batch never holds two of one class: one batch each)")
     p.add_argument("--probe-steps", type=int, default=3, help="steps timed per kind and round")
     p.add_argument("--rounds", type=int, default=2, help="rounds; the fastest counts")
     a = p.parse_args()
     print(f"start: {load()}, {torch.get_num_threads()} threads")
     info, prior, reference, trajectory, train = models(a.run)
-    y = torch.arange(info.num_classes).repeat_interleave(a.per_class)
+    y = torch.arange(info.num_classes).repeat(a.per_class)  # slot-major, as 02's Job.sample
     # g_real from 20 images per class: the values do not change the cost of a sampling step
     real = torch.stack([dit.real_gradients(m, train.x, train.y, info.num_classes, per_class=20)
                         for m in trajectory])
@@ -75,7 +77,7 @@ def main():
     lgd = dit.learnability_terms(current, reference, 0.5)
     igd = dit.influence_terms(trajectory, real)
     # a memory of one earlier batch, so that the deviation term is paid for as in a stage > 1
-    _, z_mem, _ = dit.sample(prior, y, steps=2, gen=torch.Generator().manual_seed(1),
+    _, z_mem, _ = dit.sample(prior, y, [dit.slot_seed(1, i) for i in range(len(y))], steps=2,
                              progress=False)
 
     def memory():
@@ -83,28 +85,30 @@ def main():
         m.add(z_mem, y)
         return m
     every = (0, 49)  # the probes guide every step; the windows enter the composition below
-    setups = {
-        "plain": None,
-        "lgd": dit.Guidance(terms=lgd, scale=15.0, window=every, deviation=10.0,
-                            memory=memory()),
-        "igd": dit.Guidance(terms=igd, scale=5.0, window=every, deviation=23.0,
-                            memory=memory()),
+    setups = {  # a fresh guidance (and memory) per round: the sampler adds to the memory
+        "plain": lambda: None,
+        "lgd": lambda: dit.Guidance(terms=lgd, scale=15.0, window=every, deviation=10.0,
+                                    memory=memory()),
+        "igd": lambda: dit.Guidance(terms=igd, scale=5.0, window=every, deviation=23.0,
+                                    memory=memory()),
     }
     # rounds of plain, lgd, igd, each kind's fastest round kept: the other jobs on a shared
     # machine only ever add time, and round 1 also pays the one-off warm-up
     step = {}  # seconds per image and step
+    seeds = [dit.slot_seed(0, i) for i in range(len(y))]  # the same noise for every kind
     for _ in range(a.rounds):
         for name, guide in setups.items():
             t0 = time.time()
-            dit.sample(prior, y, steps=a.probe_steps, cfg=4.0, guidance=guide,
-                       gen=torch.Generator().manual_seed(0), batch_size=len(y), progress=False)
+            dit.sample(prior, y, seeds, steps=a.probe_steps, cfg=4.0, guidance=guide(),
+                       batch_size=len(y), progress=False)
             s = (time.time() - t0) / len(y) / a.probe_steps
             step[name] = min(step.get(name, s), s)
     # 50 steps: LGD guides t = 45..10 (36 steps), IGD t = 45..30 (16 steps)
     secs = {"plain": 50 * step["plain"], "lgd": 14 * step["plain"] + 36 * step["lgd"],
             "igd": 34 * step["plain"] + 16 * step["igd"]}
-    print(f"{len(y)} images in one batch, best of {a.rounds} rounds of {a.probe_steps} steps; IGD "
-          f"trajectory: {len(trajectory)} checkpoints of {real.shape[-1]} parameters")
+    print(f"{len(y)} images in batches of {info.num_classes}, best of {a.rounds} rounds of "
+          f"{a.probe_steps} steps; IGD trajectory: {len(trajectory)} checkpoints of "
+          f"{real.shape[-1]} parameters")
     for name in setups:
         print(f"  {name:6s} {step[name]:.4f} s per image and step "
               f"({step[name] / step['plain']:.1f}x plain), {secs[name]:.3f} s per 50-step image "

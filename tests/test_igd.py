@@ -91,10 +91,11 @@ def test_influence_guidance_raises_the_gradient_cosine():
                         for m in surrogates])
     terms = dit.influence_terms(surrogates, real)
     y = torch.arange(10).repeat(2)
+    seeds = [dit.slot_seed(3, i) for i in range(len(y))]
 
     def sample(guidance):
-        return dit.sample(prior, y, steps=10, cfg=4.0, gen=torch.Generator().manual_seed(3),
-                          guidance=guidance, batch_size=len(y), progress=False)[0]
+        return dit.sample(prior, y, seeds, steps=10, cfg=4.0, guidance=guidance,
+                          batch_size=len(y), progress=False)[0]
     plain = sample(None)
     guided = sample(dit.Guidance(terms=terms, scale=5.0, c0=0.0015, window=(0, 49)))
     g0, g1 = dit.objective(terms, plain, y), dit.objective(terms, guided, y)
