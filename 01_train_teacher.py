@@ -8,17 +8,24 @@ Writes: <run>/
           teacher/teacher.pt      plain dict: model_name, dataset, classes, state_dict
           teacher/epoch_XXX.pt    checkpoints kept for --keep-epochs
           teacher/metrics.json    test accuracy, epochs, wall time (written last: the teacher is done)
+          surrogate/              only with --surrogate: IGD's trajectory model (methods.md §5.1)
+            config.json           resolved settings and both default columns (written first)
+            epoch_XXX.pt          the kept checkpoints (epoch_000 = the initialisation)
+            metrics.json          test accuracy of every kept checkpoint, wall time (written last)
           dit/config.json
           dit/transformer/ dit/scheduler/   the trained pixel DiT (save_pretrained), or
           dit/source.json                  where the pretrained pipeline given by --dit lives
           dit/samples.png         one row per class of CFG samples
           dit/metrics.json        sample accuracy (teacher top-1 on CFG samples), wall time (written last)
-        An interrupted run resumes from teacher/train_state.pt and dit/train_state.pt.
+        An interrupted run resumes from teacher/, dit/ and surrogate/train_state.pt.
 
 Examples:
   python 01_train_teacher.py                       # CPU, embedded MNIST digits, ~26 min on 2 cores
   python 01_train_teacher.py --dataset imagenette --data-root data/imagenette2 --size 256 \
       --model resnet18 --epochs 100 --dit facebook/DiT-XL-2-256 --run runs/imagenette
+  python 01_train_teacher.py --surrogate             # adds IGD's surrogate trajectory to the run
+  python 01_train_teacher.py ... --run runs/imagenette --surrogate convnet-6 \
+      --surrogate-epochs 50 --surrogate-keep 0,2,11,40      # the paper column, spelt out
 """
 import argparse
 import time
@@ -47,6 +54,18 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=common.positive_int, default=64)
     g.add_argument("--keep-epochs", default="", help="comma list of epochs whose checkpoints to keep (IGD)")
     g.add_argument("--teacher", type=Path, default=None, help="use this teacher.pt instead of training one")
+    g = p.add_argument_group("IGD surrogate (docs/methods.md §5.1); unset: the --scale column")
+    g.add_argument("--surrogate", nargs="?", const="auto", default=None,
+                   help="also train IGD's surrogate trajectory into <run>/surrogate/; optional "
+                        f"model name (paper {SURROGATE['model']['paper']}, small "
+                        f"{SURROGATE['model']['small']})")
+    g.add_argument("--surrogate-epochs", type=common.positive_int, default=None,
+                   help=f"training epochs (paper {SURROGATE['epochs']['paper']}, small "
+                        f"{SURROGATE['epochs']['small']})")
+    g.add_argument("--surrogate-keep", default=None,
+                   help="comma list of epochs whose parameters form the trajectory, 0 = the "
+                        f"initialisation (paper {SURROGATE['keep']['paper']}, small "
+                        f"{SURROGATE['keep']['small']})")
     g = p.add_argument_group("DiT prior")
     g.add_argument("--dit", default=None, help="pretrained diffusers DiT pipeline (hub name or folder); "
                    "default: train a small pixel-space DiT")
@@ -125,6 +144,100 @@ def train_teacher(args, info, train, test, device, ctx, phase):
     (folder / "train_state.pt").unlink(missing_ok=True)
     print(f"teacher: test accuracy {acc:.2f} % ({time.time() - t0:.0f} s)")
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------
+# IGD surrogate (docs/methods.md §5.1): a classifier trained on the real data whose parameters
+# after a few chosen epochs are the trajectory along which 02 --method igd measures influence
+# --------------------------------------------------------------------------------------
+
+# Defaults by --scale. paper: IGD's released ImageNette script (ConvNet-6, width 128, instance
+# norm, 50 epochs, epochs 0, 2, 11, 40; ImageWoof keeps 0,5,16,40 and ImageNet-1K 0,5,18,52).
+# small, the 28 px digits on 2 CPU cores: ConvNet-6 cannot run (six halvings of 28 px leave
+# nothing), and both its training and every guided sampling step (a per-sample double backward
+# through each checkpoint) scale with the surrogate. convnet-2 costs ~22 s per epoch here
+# (convnet-1 ~14 s, convnet-3 ~28 s, CPU time of one process) and 1.7x convnet-1 per guided step,
+# but unlike convnet-1, whose parameters are 99 % the linear head, most of its parameters are
+# convolutions, as in ConvNet-6. The digits are learnt within an epoch or two, so 5 epochs
+# (~2 min) cover the trajectory; 0,1,2,4 keeps IGD's shape: the init, an early, a middle and a
+# late checkpoint (ImageNette's 2/50, 11/50 and 40/50 of training, rounded to distinct epochs).
+SURROGATE = {"model": {"paper": "convnet-6", "small": "convnet-2"},
+             "epochs": {"paper": 50, "small": 5},
+             "keep": {"paper": "0,2,11,40", "small": "0,1,2,4"}}
+
+
+def surrogate_settings(args, info) -> dict | None:
+    """Model, epochs and kept epochs of the surrogate (None without --surrogate), checked.
+
+    Each value is the flag as given, else the column of --scale for this dataset.
+    """
+    if args.surrogate is None:
+        if args.surrogate_epochs is not None or args.surrogate_keep is not None:
+            raise common.UserError("--surrogate-epochs and --surrogate-keep describe the IGD "
+                                   "surrogate; add --surrogate to train it")
+        return None
+    scale = common.resolve_scale(args.scale, info.name)
+    model = SURROGATE["model"][scale] if args.surrogate == "auto" else args.surrogate
+    epochs = args.surrogate_epochs or SURROGATE["epochs"][scale]
+    keep = args.surrogate_keep if args.surrogate_keep is not None else SURROGATE["keep"][scale]
+    try:
+        kept = sorted({int(e) for e in keep.split(",") if e.strip()})
+    except ValueError:
+        raise common.UserError(f"--surrogate-keep must be a comma list of integers, got "
+                               f"{keep!r}") from None
+    bad = [e for e in kept if not 0 <= e <= epochs]
+    if not kept or bad:
+        raise common.UserError(f"--surrogate-keep {keep} must name epochs in 0..{epochs} "
+                               f"(--surrogate-epochs; 0 = the initialisation)")
+    common.check_model(model, info)
+    return {"model": model, "epochs": epochs, "keep": kept, "scale": scale}
+
+
+def train_surrogate(args, s: dict, info, train, test, device, ctx, phase):
+    """Train (or resume, or skip when finished) the surrogate; its kept checkpoints on disk."""
+    folder = args.run / "surrogate"
+    sargs = {"dataset": args.dataset, "data_root": args.data_root, "size": args.size,
+             "model": s["model"], "epochs": s["epochs"], "keep": s["keep"], "seed": args.seed}
+    common.prepare_folder(folder, sargs, args.overwrite, "surrogate")
+    if (folder / "metrics.json").exists():
+        print(f"surrogate: done earlier ({s['model']}, epochs {s['keep']}), skipping")
+        phase.skipped = True
+        return
+    # IGD's script trains the surrogate with its evaluation trainer and no mixup, whose
+    # augmentation is a random-resized crop and flip: here the hard-label recipe of §7.1 with
+    # CutMix switched off (flips only where labels allow). Not the teacher's shift: the
+    # trajectory should be that of the training the distilled set is later used for.
+    proto = common.Protocol("hard", cutmix_p=0.0, augment="crop")
+    common.write_config(folder, sargs, {"scale": s["scale"], "defaults": SURROGATE,
+                                        "protocol": proto.__dict__, "train_size": len(train.y)},
+                        device, ctx)
+    t0 = time.time()
+    common.seed_everything(args.seed)
+    model = common.build_model(s["model"], info).to(device)
+    phase.extra = {"model": s["model"], "epochs": s["epochs"]}
+
+    def path(epoch):
+        return folder / f"epoch_{epoch:03d}.pt"
+
+    def keep_checkpoint(epoch, loss):  # fit counts epochs from 0; checkpoint e is after e epochs
+        if epoch + 1 in s["keep"]:
+            common.save_classifier(path(epoch + 1), model, s["model"], info, epoch=epoch + 1)
+    if 0 in s["keep"] and not path(0).exists():  # a resumed run has it already
+        common.save_classifier(path(0), model, s["model"], info, epoch=0)
+    print(f"surrogate: {s['model']}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+          f"parameters, {s['epochs']} epochs, keeping epochs {s['keep']}, {device}")
+    # seed None: the global generators, saved with the state after every epoch (exact resume)
+    common.fit(model, train, info, proto, epochs=s["epochs"], seed=None, ctx=ctx,
+               desc="surrogate", state_path=folder / "train_state.pt", on_epoch=keep_checkpoint,
+               log=True)
+    accs = {f"epoch_{e:03d}": common.accuracy(common.load_classifier(path(e), info, device),
+                                              test, ctx) for e in s["keep"]}
+    common.write_json(folder / "metrics.json", {
+        "model": s["model"], "epochs": s["epochs"], "keep": s["keep"], "checkpoint_test_acc": accs,
+        "test_acc": common.accuracy(model, test, ctx), "wall_s": time.time() - t0})
+    (folder / "train_state.pt").unlink(missing_ok=True)
+    print(f"surrogate: test accuracy of the kept checkpoints "
+          + ", ".join(f"{k} {v:.1f} %" for k, v in accs.items()) + f" ({time.time() - t0:.0f} s)")
 
 
 # --------------------------------------------------------------------------------------
@@ -277,6 +390,7 @@ def main():
     # every flag is checked before anything is written, so a typo leaves no half-made folder behind
     common.check_model(args.model, info)
     parse_epochs(args.keep_epochs, args.epochs)
+    surrogate = surrogate_settings(args, info)
     if args.teacher is not None:
         common.load_classifier(args.teacher, info, "cpu")
     if args.dit is None:
@@ -304,6 +418,9 @@ def main():
     with timings.phase("01/teacher") as phase:
         teacher = train_teacher(args, info, train, test, device, ctx, phase)
     make_dit(args, info, train, device, ctx, teacher, pretrained, timings)
+    if surrogate is not None:
+        with timings.phase("01/surrogate") as phase:
+            train_surrogate(args, surrogate, info, train, test, device, ctx, phase)
     timings.report("01")
     print(f"01 done in {time.time() - t0:.0f} s")
 

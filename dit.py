@@ -236,6 +236,106 @@ def adversarial_terms(disc, reference, omega_v: float, form: str = "ce") -> list
     return [adv] + ([Term("ce_reference", -omega_v, ce_score(reference))] if omega_v else [])
 
 
+# IGD (§5): an image is influential when the parameter gradient it would give a surrogate
+# points the way the real data's gradient points, at several checkpoints of a real training run
+# (TracIn). Gradients are flat vectors over model.named_parameters(), in that order.
+
+REAL_GRAD_IMAGES, REAL_GRAD_CHUNK = 200, 50  # first 200 images of a class, 50 at a time (IGD)
+
+
+def _functional(model):
+    """(params, buffers, loss): the model as a pure function of a detached parameter dict.
+
+    torch.func differentiates with respect to the dict it is handed, so the model itself may
+    stay frozen (requires_grad False): nothing in it ever collects a .grad.
+    """
+    from torch.func import functional_call
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def loss(p, x, y, reduction="mean"):  # CE of the model with parameters p on (x, y)
+        logits = functional_call(model, (p, buffers), (x,))
+        return F.cross_entropy(logits.float(), y, reduction=reduction)
+    return params, buffers, loss
+
+
+def per_sample_grads(model, img: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """grad_theta CE(f_theta(img_b), y_b) of every sample as one flat row, (B, P).
+
+    vmap runs the one-sample gradient over the batch in a single pass; the rows stay
+    differentiable with respect to img (torch.func composes with autograd), which is the double
+    backpropagation IGD needs. A one-sample batch is exactly what the reference code feeds the
+    surrogate, so row b equals a loop over the samples (tests/test_igd.py).
+    """
+    from torch.func import grad, vmap
+    params, _, loss = _functional(model)
+
+    def one(p, x, t):  # x (C, H, W), t (): the gradient dict of one sample
+        return grad(loss)(p, x[None], t[None])
+    g = vmap(one, in_dims=(None, 0, 0))(params, img, y)  # name -> (B, *shape)
+    return torch.cat([v.flatten(1) for v in g.values()], 1)
+
+
+def grad_cosine(model, img: torch.Tensor, y: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """cos(per-sample parameter gradient, real gradient of the sample's class), (B,).
+
+    real: (classes, P), one flat real-data gradient per class at this checkpoint.
+    """
+    g = per_sample_grads(model, img, y)  # (B, P)
+    return F.cosine_similarity(g, real.to(g)[y], dim=1)
+
+
+def real_gradients(model, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                   per_class: int = REAL_GRAD_IMAGES, chunk: int = REAL_GRAD_CHUNK):
+    """g_real(c) = grad_theta of the mean CE on the first `per_class` images of class c, (K, P).
+
+    x: uint8 or [0, 1] images in dataset order, y their labels. Chunks only bound the memory:
+    summed chunk CEs divided by the class's count give exactly the gradient of the mean, also
+    when a class has fewer images than per_class. The surrogate is in eval mode, as in IGD.
+    """
+    from torch.func import grad
+    params, _, loss = _functional(model.eval())
+    rows = []
+    for c in range(num_classes):
+        idx = (y == c).nonzero().squeeze(1)[:per_class]
+        if len(idx) == 0:
+            raise C.UserError(f"class {c} has no training images, so it has no real gradient; "
+                              f"every class needs training images for IGD")
+        total = None
+        for i in range(0, len(idx), chunk):
+            xb = x[idx[i:i + chunk]]
+            xb = C.to_float(xb) if xb.dtype == torch.uint8 else xb.float()
+            g = grad(loss)(params, xb, y[idx[i:i + chunk]], "sum")  # name -> summed gradient
+            flat = torch.cat([v.flatten() for v in g.values()])  # (P,)
+            total = flat if total is None else total + flat
+        rows.append(total / len(idx))
+    return torch.stack(rows)  # (K, P)
+
+
+def influence_terms(checkpoints: list, real_grads: torch.Tensor, names=None) -> list:
+    """IGD (§5.2): G = -mean_e (1 - cos(grad CE(f_e(img), y), g_real(e, y))), raised.
+
+    One Term per checkpoint e with weight 1/|E| and fn = cos_e - 1, so that the objective (their
+    sum) is exactly G, and each checkpoint's agreement can be read on its own. `checkpoints` are
+    frozen classifiers (the surrogate's trajectory); real_grads is (|E|, classes, P). The
+    gradients run in fp32 even under autocast: the reference code samples in fp32, and a bf16
+    double backward would blur the small cosines this term is made of.
+    """
+    if len(checkpoints) != len(real_grads):
+        raise ValueError(f"{len(checkpoints)} checkpoints but {len(real_grads)} real gradients")
+    names = names or [f"cos_{e}" for e in range(len(checkpoints))]
+    for m in checkpoints:
+        m.eval().requires_grad_(False)  # frozen: only the image is differentiated
+
+    def score(model, real):
+        def fn(img, y):
+            with torch.autocast(img.device.type, enabled=False):
+                return grad_cosine(model, img.float(), y, real) - 1
+        return fn
+    w = 1.0 / len(checkpoints)
+    return [Term(n, w, score(m, r)) for n, m, r in zip(names, checkpoints, real_grads)]
+
+
 def objective(terms: list, img: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The weighted sum of the terms, per sample (B,)."""
     return sum(t.weight * t.fn(img, y) for t in terms)
