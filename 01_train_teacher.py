@@ -13,14 +13,20 @@ Writes: <run>/
             epoch_XXX.pt          the kept checkpoints (epoch_000 = the initialisation)
             metrics.json          test accuracy of every kept checkpoint, wall time (written last)
           dit/config.json
-          dit/transformer/ dit/scheduler/   the trained pixel DiT (save_pretrained), or
-          dit/source.json                  where the pretrained pipeline given by --dit lives
+          dit/transformer/ dit/scheduler/   the trained pixel DiT (save_pretrained); with
+                                  --prior latent also dit/vae/ (the AutoencoderKL trained here)
+                                  and dit/vae_metrics.json (reconstruction MSE, scaling factor,
+                                  steps, wall time): a diffusers pipeline folder; or
+          dit/source.json         where the pretrained pipeline given by --dit lives
           dit/samples.png         one row per class of CFG samples
           dit/metrics.json        sample accuracy (teacher top-1 on CFG samples), wall time (written last)
-        An interrupted run resumes from teacher/, dit/ and surrogate/train_state.pt.
+        An interrupted run resumes from teacher/train_state.pt, dit/vae_state.pt (--prior latent),
+        dit/train_state.pt and surrogate/train_state.pt; a finished dit/vae/ is loaded instead of
+        trained again.
 
 Examples:
   python 01_train_teacher.py                       # CPU, embedded MNIST digits, ~26 min on 2 cores
+  python 01_train_teacher.py --prior latent        # the papers' VAE + latent DiT, in miniature
   python 01_train_teacher.py --dataset imagenette --data-root data/imagenette2 --size 256 \
       --model resnet18 --epochs 100 --dit facebook/DiT-XL-2-256 --run runs/imagenette
   python 01_train_teacher.py --surrogate             # adds IGD's surrogate trajectory to the run
@@ -68,14 +74,22 @@ def parse_args(argv=None):
                         f"{SURROGATE['keep']['small']})")
     g = p.add_argument_group("DiT prior")
     g.add_argument("--dit", default=None, help="pretrained diffusers DiT pipeline (hub name or folder); "
-                   "default: train a small pixel-space DiT")
+                   "default: train a small DiT (--prior)")
+    g.add_argument("--prior", default="pixel", choices=["pixel", "latent"],
+                   help="the small DiT trained without --dit: 'pixel' acts on pixels; 'latent' is the "
+                        "papers' architecture in miniature, an AutoencoderKL trained here (28 px -> "
+                        "4x7x7) and a DiT on its scaled latents")
+    g.add_argument("--vae-steps", type=common.positive_int, default=800,
+                   help="AutoencoderKL training steps (--prior latent; reconstruction flat after ~750)")
+    g.add_argument("--vae-batch", type=common.positive_int, default=128, help="AutoencoderKL batch size")
     g.add_argument("--dit-steps", type=common.positive_int, default=3000)
     g.add_argument("--dit-batch", type=common.positive_int, default=128)
     g.add_argument("--dit-lr", type=float, default=3e-4)
     g.add_argument("--dit-warmup", type=common.positive_int, default=200, help="linear LR warm-up steps")
     g.add_argument("--dit-width", type=common.positive_int, default=128)
     g.add_argument("--dit-depth", type=common.positive_int, default=4)
-    g.add_argument("--dit-patch", type=common.positive_int, default=4)
+    g.add_argument("--dit-patch", type=common.positive_int, default=None,
+                   help="patch size (default: 4 for --prior pixel, 1 for latent)")
     g.add_argument("--dit-min-snr", type=float, default=0.0, help="min-SNR-gamma loss weight (0 = off)")
     g.add_argument("--dit-ckpt-every", type=common.positive_int, default=250, help="steps between resumable checkpoints")
     g.add_argument("--dit-eval-every", type=common.nonneg_int, default=0,
@@ -85,7 +99,13 @@ def parse_args(argv=None):
     g.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (papers: 4.0)")
     g.add_argument("--samples-per-class", type=common.positive_int, default=100)
     g.add_argument("--sample-batch", type=common.positive_int, default=250)
-    return p.parse_args(argv)
+    g.add_argument("--distillability", action="store_true",
+                   help="also train 03's hard-label student (3 seeds) on plain CFG samples at IPC 10 "
+                        "and on random real subsets of the same size (costs student training)")
+    args = p.parse_args(argv)
+    if args.dit_patch is None:
+        args.dit_patch = 4 if args.prior == "pixel" else 1
+    return args
 
 
 def parse_epochs(s: str, epochs: int) -> list:
@@ -258,11 +278,100 @@ def sample_accuracy(prior, teacher, info, per_class, args, device, ctx, seed, pr
     return (pred == y).float().mean().item() * 100, per, imgs
 
 
-def train_dit(args, info, train, device, ctx, teacher):
-    """Train a small pixel-space DiT: cosine schedule, v-prediction, warm-up, EMA, grad clip 1.0."""
+VAE_LR, VAE_KL = 1e-3, 1e-6  # --prior latent: AdamW learning rate, KL weight
+
+
+def vae_latents(vae, x, ctx, batch_size=500):
+    """uint8 images (N, C, H, W) -> the VAE's posterior means, times its scaling factor."""
+    with torch.no_grad():
+        return common._batched(lambda b: vae.encode(b * 2 - 1).latent_dist.mean, x, batch_size,
+                               ctx) * vae.config.scaling_factor
+
+
+def train_vae(args, info, train, test, device, ctx, phase):
+    """The AutoencoderKL of --prior latent: MSE + 1e-6 KL on images in [-1, 1], AdamW 1e-3,
+    --vae-batch 128, --vae-steps steps; then its scaling factor, 1 / std of the training latents, goes
+    into its config. Returns (VAE in eval mode, metrics). dit/vae/ is moved into place whole once
+    the VAE is finished, so a rerun that finds it loads it instead of training again."""
+    from diffusers import AutoencoderKL
+    folder = args.run / "dit"
+    final, tmp, state_path = folder / "vae", folder / "vae.partial", folder / "vae_state.pt"
+    if final.exists():
+        m = common.read_json(folder / "vae_metrics.json")
+        print(f"vae: done earlier (reconstruction MSE {m['recon_mse']:.4f}), skipping")
+        phase.skipped = True
+        return AutoencoderKL.from_pretrained(final, low_cpu_mem_usage=False).to(device).eval(), m
+    common.seed_everything(args.seed)
+    vae = dit.make_vae(info).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR)
+    start, curve = 0, []
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        common.set_rng_state(st["rng"])
+        start, curve = st["step"], list(st["curve"])
+        print(f"vae: resuming at step {start}")
+    n_par = sum(p.numel() for p in vae.parameters())
+    print(f"vae: AutoencoderKL {info.channels}->4 channels, blocks {vae.config.block_out_channels}, "
+          f"{n_par / 1e6:.2f} M parameters, {args.vae_steps} steps of batch {args.vae_batch}, {device}")
+    t0, N, mse_sum, kl_sum, n_log = time.time(), len(train.y), 0.0, 0.0, 0
+    for step in tqdm(range(start, args.vae_steps), desc="vae", unit="step", initial=start,
+                     total=args.vae_steps):
+        idx = torch.randint(0, N, (args.vae_batch,), device=device)
+        x = common.to_float(train.x[idx]) * 2 - 1  # (B, C, H, W) in [-1, 1]
+        with ctx:
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+        mse, kl = F.mse_loss(rec.float(), x), post.kl().float().mean()
+        loss = mse + VAE_KL * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        mse_sum, kl_sum, n_log = mse_sum + mse.item(), kl_sum + kl.item(), n_log + 1
+        done = step + 1
+        if done % 100 == 0 or done == args.vae_steps:
+            curve.append({"step": done, "mse": mse_sum / n_log, "kl": kl_sum / n_log})
+            tqdm.write(f"vae step {done}/{args.vae_steps} mse {mse_sum / n_log:.4f} "
+                       f"kl {kl_sum / n_log:.1f}")
+            mse_sum, kl_sum, n_log = 0.0, 0.0, 0
+        if done % args.dit_ckpt_every == 0 and done < args.vae_steps:
+            common.torch_save({"model": vae.state_dict(), "opt": opt.state_dict(),
+                               "rng": common.rng_state(), "step": done, "curve": curve}, state_path)
+    vae.eval().requires_grad_(False)
+    vae.register_to_config(scaling_factor=1.0)
+    std = vae_latents(vae, train.x, ctx).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    with torch.no_grad():  # held-out reconstruction from the posterior mean, in [-1, 1]
+        rec = common._batched(lambda b: vae.decode(vae.encode(b * 2 - 1).latent_dist.mean).sample,
+                              test.x, 500, ctx)
+        recon = F.mse_loss(rec, common.to_float(test.x) * 2 - 1).item()
+    m = {"recon_mse": recon, "recon_on": f"{len(test.y)} test images, [-1, 1], posterior mean",
+         "scaling_factor": 1.0 / std, "latent_shape": [4, info.size // 4, info.size // 4],
+         "steps": args.vae_steps, "batch": args.vae_batch, "lr": VAE_LR, "kl_weight": VAE_KL,
+         "parameters": n_par, "train_s": time.time() - t0, "resumed_at": start, "curve": curve}
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    common.write_json(folder / "vae_metrics.json", m)  # before the move: vae/ implies metrics
+    tmp.rename(final)
+    state_path.unlink(missing_ok=True)
+    print(f"vae: reconstruction MSE {recon:.4f} on the test images, scaling factor {1 / std:.3f} "
+          f"({time.time() - t0:.0f} s)")
+    return vae, m
+
+
+def train_dit(args, info, train, device, ctx, teacher, vae=None):
+    """Train a small DiT on pixels (or, given a VAE, on its scaled latents): cosine schedule,
+    v-prediction, warm-up, EMA, grad clip 1.0."""
     from diffusers.training_utils import EMAModel
     folder = args.run / "dit"
-    model = dit.make_pixel_dit(info, args.dit_width, args.dit_depth, args.dit_patch).to(device).train()
+    if vae is None:
+        model = dit.make_pixel_dit(info, args.dit_width, args.dit_depth, args.dit_patch)
+    else:
+        model = dit.make_latent_dit(info, args.dit_width, args.dit_depth, args.dit_patch)
+        latents = vae_latents(vae, train.x, ctx)  # (N, 4, H/4, W/4), unit variance
+    model = model.to(device).train()
     noise = dit.make_train_scheduler()
     abar = noise.alphas_cumprod.to(device)
     # EMA with warm-up: decay 1-(1+step)^(-2/3) grows to the 0.9999 cap, so early steps are not frozen out
@@ -281,14 +390,17 @@ def train_dit(args, info, train, device, ctx, teacher):
         print(f"dit: resuming at step {start}")
     ema.to(device)
     n_par = sum(p.numel() for p in model.parameters())
-    print(f"dit: pixel DiT width {args.dit_width} depth {args.dit_depth} patch {args.dit_patch}, "
+    print(f"dit: {'pixel' if vae is None else 'latent'} DiT width {args.dit_width} depth {args.dit_depth} patch {args.dit_patch}, "
           f"{n_par / 1e6:.2f} M parameters, {args.dit_steps} steps of batch {args.dit_batch}, {device}")
     N, t_log, loss_sum, n_log = len(train.y), time.time(), 0.0, 0
     bar = tqdm(range(start, args.dit_steps), desc="dit", unit="step", initial=start,
                total=args.dit_steps)
     for step in bar:
         idx = torch.randint(0, N, (args.dit_batch,), device=device)
-        x0, y = common.to_float(train.x[idx]) * 2 - 1, train.y[idx]  # (B, C, H, W) in [-1, 1]
+        if vae is None:
+            x0, y = common.to_float(train.x[idx]) * 2 - 1, train.y[idx]  # (B, C, H, W) in [-1, 1]
+        else:
+            x0, y = latents[idx], train.y[idx]  # (B, 4, h, w) scaled latents
         eps = torch.randn_like(x0)
         t = torch.randint(0, noise.config.num_train_timesteps, (len(y),), device=device)
         a = abar[t].view(-1, 1, 1, 1)
@@ -315,7 +427,7 @@ def train_dit(args, info, train, device, ctx, teacher):
                        f"lr {lr_sched.get_last_lr()[0]:.2e} {n_log * args.dit_batch / dt:.0f} img/s")
             t_log, loss_sum, n_log = time.time(), 0.0, 0
         if args.dit_eval_every and (done % args.dit_eval_every == 0 or done == args.dit_steps):
-            acc = probe(model, ema, noise, info, teacher, args, device, ctx)
+            acc = probe(model, ema, noise, info, teacher, args, device, ctx, vae)
             curve.append({"step": done, "sample_acc_20pc": acc})
             tqdm.write(f"dit step {done}: sample accuracy (20 per class) {acc:.1f} %")
         if done % args.dit_ckpt_every == 0 and done < args.dit_steps:
@@ -323,14 +435,14 @@ def train_dit(args, info, train, device, ctx, teacher):
                           "ema": ema.state_dict(), "rng": common.rng_state(), "step": done,
                           "curve": curve}, state_path)
     ema.copy_to(model.parameters())
-    return dit.Prior(model.eval(), dict(noise.config), info), curve, n_par
+    return dit.Prior(model.eval(), dict(noise.config), info, vae), curve, n_par
 
 
-def probe(model, ema, noise, info, teacher, args, device, ctx):
+def probe(model, ema, noise, info, teacher, args, device, ctx, vae=None):
     """Sample accuracy of the EMA weights at 20 per class, without disturbing training."""
     saved = [p.detach().clone() for p in model.parameters()]
     ema.copy_to(model.parameters())
-    acc, _, _ = sample_accuracy(dit.Prior(model.eval(), dict(noise.config), info), teacher, info, 20, args,
+    acc, _, _ = sample_accuracy(dit.Prior(model.eval(), dict(noise.config), info, vae), teacher, info, 20, args,
                                 device, ctx, seed=args.seed + 1, progress=False)
     for p, s in zip(model.parameters(), saved):
         p.data.copy_(s)
@@ -338,12 +450,46 @@ def probe(model, ema, noise, info, teacher, args, device, ctx):
     return acc
 
 
-def make_dit(args, info, train, device, ctx, teacher, pretrained, timings):
+def distillability(samples, info, train, test, args, device, ctx, ipc=10, seeds=3, epochs=None):
+    """What the prior is for (issue 13): the final-epoch test accuracy of 03's hard-label
+    student (convnet-3, 03's protocol and epoch rule, seeds --seed.. as 03) trained on
+    `samples` (ipc per class, uint8), beside random real subsets of the same size (draw k =
+    block k of common.class_permutations(--seed), with seed --seed + k, as 03's baseline)."""
+    import statistics
+    rule = common.resolve_scale(args.scale, info.name)
+    epochs, proto = epochs or common.epochs_for(ipc, rule), common.Protocol("hard")
+    perms = common.class_permutations(train.y, info.num_classes, args.seed)
+    out = {"ipc": ipc, "student": "convnet-3", "protocol": "hard", "epochs": epochs,
+           "epoch_rule": rule, "cfg": args.cfg, "sample_steps": args.sample_steps}
+    for name in ("samples", "random_real"):
+        accs = []
+        for k in range(seeds):
+            seed = args.seed + k
+            if name == "samples":
+                data = samples
+            else:
+                idx = torch.cat([p[k * ipc:(k + 1) * ipc] for p in perms]).to(train.y.device)
+                data = common.Split(train.x[idx], train.y[idx])
+            common.seed_everything(seed)  # the weight initialisation, as 03
+            model = common.build_model("convnet-3", info).to(device)
+            common.fit(model, data.to(device), info, proto, epochs=epochs, seed=seed, ctx=ctx,
+                       desc=f"distillability {name} seed {seed}", progress=False)
+            accs.append(common.accuracy(model, test, ctx))
+        out[name] = {"mean": statistics.mean(accs), "std": statistics.pstdev(accs), "seeds": accs}
+    out["gap"] = out["samples"]["mean"] - out["random_real"]["mean"]
+    return out
+
+
+def make_dit(args, info, train, device, ctx, teacher, pretrained, timings, test=None):
     """Train or load the DiT prior, then measure its sample accuracy with the teacher."""
     folder = args.run / "dit"
     dargs = {k: getattr(args, k) for k in vars(args) if k.startswith(("dit", "sample", "cfg"))
              and k != "dit_ckpt_every"}
     dargs.update(dataset=args.dataset, seed=args.seed)
+    if args.prior != "pixel":  # only then: a pixel run's config.json, and its resume, as before
+        dargs.update(prior=args.prior, vae_steps=args.vae_steps, vae_batch=args.vae_batch)
+    if args.distillability:
+        dargs.update(distillability=True)
     common.prepare_folder(folder, dargs, args.overwrite, "DiT")
     if (folder / "metrics.json").exists():
         print(f"dit: done earlier (sample accuracy {common.read_json(folder / 'metrics.json')['sample_acc']:.1f} %), "
@@ -352,11 +498,17 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained, timings):
         timings.add("01/sample check", 0.0, 0.0, skipped=True)
         return
     common.write_config(folder, dargs, {"pretrained": args.dit is not None}, device, ctx)
+    vae, extra = None, {}
+    if args.dit is None and args.prior == "latent":
+        with timings.phase("01/vae") as phase:
+            vae, extra["vae"] = train_vae(args, info, train, test, device, ctx, phase)
+            phase.extra = {"steps": args.vae_steps, "batch": args.vae_batch}
+        extra["prior"] = "latent"
     t0 = time.time()
     with timings.phase("01/prior") as phase:
         if args.dit is None:
             common.seed_everything(args.seed)
-            prior, curve, n_par = train_dit(args, info, train, device, ctx, teacher)
+            prior, curve, n_par = train_dit(args, info, train, device, ctx, teacher, vae)
             prior.save(folder)
             phase.extra = {"steps": args.dit_steps, "batch": args.dit_batch}
         else:  # loaded in main(): nothing to train
@@ -373,10 +525,26 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained, timings):
     k = min(10, args.samples_per_class)
     grid = imgs.view(info.num_classes, args.samples_per_class, *imgs.shape[1:])[:, :k].flatten(0, 1)
     common.save_grid(grid, k, folder / "samples.png")
+    if args.distillability:
+        with timings.phase("01/distillability") as phase:
+            if args.samples_per_class >= 10:  # slots j < 10 of the sample check: IPC 10's seeds
+                s10 = imgs.view(info.num_classes, args.samples_per_class,
+                                *imgs.shape[1:])[:, :10].flatten(0, 1)
+            else:  # (10 classes x 10, C, H, W), class-major
+                s10 = sample_accuracy(prior, teacher, info, 10, args, device, ctx, args.seed,
+                                      progress=False)[2]
+            s10 = common.Split(common.to_u8(s10),  # as the PNGs of 02 hold them
+                               torch.arange(info.num_classes, device=device).repeat_interleave(10))
+            extra["distillability"] = d = distillability(s10, info, train, test, args, device, ctx)
+            phase.extra = {"students": 6, "epochs": d["epochs"]}
+        print(f"dit: distillability at IPC 10: plain CFG-{args.cfg} samples {d['samples']['mean']:.1f} "
+              f"+- {d['samples']['std']:.1f} %, random real {d['random_real']['mean']:.1f} "
+              f"+- {d['random_real']['std']:.1f} % (03's hard-label student, {d['epochs']} epochs, "
+              f"3 seeds)")
     common.write_json(folder / "metrics.json", {
         "sample_acc": acc, "sample_acc_per_class": per, "samples_per_class": args.samples_per_class,
         "sample_steps": args.sample_steps, "cfg": args.cfg, "parameters": n_par, "train_s": train_s,
-        "sample_s": sample_s, "sample_s_per_image": sample_s / len(imgs), "curve": curve})
+        "sample_s": sample_s, "sample_s_per_image": sample_s / len(imgs), "curve": curve, **extra})
     (folder / "train_state.pt").unlink(missing_ok=True)
     print(f"dit: sample accuracy {acc:.1f} % (teacher top-1 on {args.samples_per_class} CFG-{args.cfg} samples "
           f"per class, {args.sample_steps} DDPM steps); train {train_s:.0f} s, sampling {sample_s:.0f} s")
@@ -393,8 +561,12 @@ def main():
     surrogate = surrogate_settings(args, info)
     if args.teacher is not None:
         common.load_classifier(args.teacher, info, "cpu")
+    if args.dit is not None and args.prior != "pixel":
+        raise common.UserError("--prior latent trains its own VAE and DiT; leave out --dit, or "
+                               "--prior to use a pretrained pipeline")
     if args.dit is None:
-        dit.make_pixel_dit(info, args.dit_width, args.dit_depth, args.dit_patch)
+        make = dit.make_pixel_dit if args.prior == "pixel" else dit.make_latent_dit
+        make(info, args.dit_width, args.dit_depth, args.dit_patch)
         pretrained = None
     else:
         pretrained = dit.load_prior(args.dit, info, device)
@@ -417,7 +589,7 @@ def main():
     timings = common.Timings(args.run)
     with timings.phase("01/teacher") as phase:
         teacher = train_teacher(args, info, train, test, device, ctx, phase)
-    make_dit(args, info, train, device, ctx, teacher, pretrained, timings)
+    make_dit(args, info, train, device, ctx, teacher, pretrained, timings, test)
     if surrogate is not None:
         with timings.phase("01/surrogate") as phase:
             train_surrogate(args, surrogate, info, train, test, device, ctx, phase)

@@ -51,6 +51,36 @@ def make_pixel_dit(info: C.DatasetInfo, width=128, depth=4, patch=4, head_dim=32
         norm_num_groups=1)
 
 
+def make_latent_dit(info: C.DatasetInfo, width=128, depth=4, patch=1, head_dim=32,
+                    latent_channels=4, down=4):
+    """A small class-conditional DiT on the latents of make_vae (size / down px, 4 channels)."""
+    from diffusers import DiTTransformer2DModel
+    size = info.size // down
+    if info.size % down or size % patch:
+        raise C.UserError(f"a latent DiT with patch {patch} cannot take the {info.size / down:g} "
+                          f"px latents of {info.size} px images; choose --dit-patch dividing "
+                          f"{size} (the size must be a multiple of {down})")
+    if width % head_dim:
+        raise C.UserError(f"--dit-width {width} must be a multiple of the head size {head_dim}")
+    return DiTTransformer2DModel(
+        num_attention_heads=width // head_dim, attention_head_dim=head_dim,
+        in_channels=latent_channels, out_channels=latent_channels, num_layers=depth,
+        sample_size=size, patch_size=patch, num_embeds_ada_norm=info.num_classes,
+        norm_num_groups=1)
+
+
+def make_vae(info: C.DatasetInfo, blocks=(32, 64, 64), latent_channels=4):
+    """The papers' AutoencoderKL in miniature: image channels -> 4 latent channels, one
+    downsampling per block but the last (28 px -> 4x7x7 with three blocks), one layer each."""
+    from diffusers import AutoencoderKL
+    n = len(blocks)
+    return AutoencoderKL(in_channels=info.channels, out_channels=info.channels,
+                         latent_channels=latent_channels, block_out_channels=tuple(blocks),
+                         down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=1,
+                         norm_num_groups=min(32, min(blocks)), sample_size=info.size)
+
+
 def make_train_scheduler():
     """Cosine schedule + v-prediction: the recipe that gave good digits from a brief training."""
     from diffusers import DDPMScheduler
