@@ -35,7 +35,9 @@ import dit
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, run_help="run folder to write (teacher/, dit/, dataset.json)")
+    common.add_common_args(p, run_default=None,
+                           run_help="run folder to write (teacher/, dit/, dataset.json); default "
+                                    "runs/<dataset>, for imagefolder:<root> runs/<root's name>")
     p.add_argument("--dataset", default="mnist5k", help=f"one of {', '.join(common.DATASETS)}")
     p.add_argument("--data-root", type=Path, default=None, help="dataset folder (ImageNette/Woof, CIFAR)")
     p.add_argument("--size", type=int, default=None, help="image size for folder datasets (default: 128 for "
@@ -66,7 +68,16 @@ def parse_args(argv=None):
     g.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (papers: 4.0)")
     g.add_argument("--samples-per-class", type=common.positive_int, default=100)
     g.add_argument("--sample-batch", type=common.positive_int, default=250)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.run = args.run or default_run(args.dataset)
+    return args
+
+
+def default_run(dataset: str) -> Path:
+    """runs/<dataset>, or runs/<root's name> for imagefolder:<root>: one run per dataset."""
+    if dataset.startswith("imagefolder:"):
+        return Path("runs") / (Path(dataset.split(":", 1)[1]).resolve().name or "imagefolder")
+    return Path("runs") / dataset
 
 
 def parse_epochs(s: str, epochs: int) -> list:

@@ -227,6 +227,26 @@ IMAGEWOOF = {"n02086240": 155, "n02087394": 159, "n02088364": 162, "n02089973": 
              "n02111889": 258, "n02115641": 273}
 
 
+
+
+def imagenet_wnids() -> list:
+    """The 1,000 ImageNet-1K WordNet ids in class-index order (the order of an ImageNet DiT's
+    labels), as timm ships them: timm/data/_info/imagenet_synsets.txt (timm, Apache-2.0)."""
+    from importlib import resources
+    try:
+        text = resources.files("timm").joinpath("data/_info/imagenet_synsets.txt").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):  # a timm without the file: no automatic map
+        return []
+    return text.split()
+
+
+def imagenet_class_map(classes: list) -> list | None:
+    """ImageNet-1K indices of class folders named by WordNet ids (ImageNet-100, a user's own
+    subset), so an ImageNet DiT can be conditioned on them; None unless every name is one."""
+    index = {w: i for i, w in enumerate(imagenet_wnids())}
+    return [index[c] for c in classes] if classes and all(c in index for c in classes) else None
+
+
 @dataclass
 class DatasetInfo:
     """What downstream scripts need to know of a dataset; 01 saves it as <run>/dataset.json."""
@@ -423,7 +443,7 @@ def _folder_dataset(name, root: Path, size, mean, std, wnids):
     if not train_dir.is_dir() or not val_dir.is_dir():
         raise UserError(f"{root} needs train/ and val/ sub-folders (ImageFolder layout)")
     classes = sorted(list_class_folders(train_dir))
-    class_map = None
+    class_map = imagenet_class_map(classes)  # any tree of ImageNet-1K WordNet-id folders
     if wnids is not None:
         unknown = [c for c in classes if c not in wnids]
         if unknown or len(classes) != len(wnids):

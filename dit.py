@@ -80,8 +80,8 @@ class Prior:
         if self.class_map is None and self.num_labels != info.num_classes:
             raise C.UserError(f"the DiT knows {self.num_labels} classes but dataset {info.name} "
                               f"has {info.num_classes} and no class map to the DiT's labels; use "
-                              f"a DiT trained on this dataset (01 without --dit) or a dataset "
-                              f"with a class map")
+                              f"a DiT trained on this dataset (01 without --dit), or name the "
+                              f"class folders by their ImageNet-1K WordNet ids (n01440764, ...)")
         if self.class_map is not None and max(self.class_map) >= self.num_labels:
             raise C.UserError(f"class map of {info.name} needs labels up to "
                               f"{max(self.class_map)} but the DiT knows {self.num_labels}; use "
