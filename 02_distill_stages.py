@@ -44,6 +44,11 @@ import common
 import dit
 
 STAGES = 5  # default K of the methods with equal increments (LGD: IPC 50 as 5 x 10)
+# --sample-batch by scale. Paper: one guided sample of DiT-XL/2 + VAE decoder + f_cur + f_ref at
+# 256 px keeps <= 1.1 GB of activations for the backward pass with checkpointing, <= 2.4 GB
+# without (README: the memory rule), so 30 (= ImageNette's 10 classes x kappa 3) or 15 fit one
+# 80 GB GPU beside the ~5 GB of weights with room for the allocator and transient gradients
+SAMPLE_BATCH = {"small": 120, "paper": 30, "paper without checkpointing": 15}
 
 # ------------------------------------------------------------------------------------------
 # The method registry. A method is its stage maker plus its own flags, each flag with a
@@ -139,9 +144,14 @@ def parse_args(argv=None):
                    help="DDPM ancestral steps (papers: 50)")
     g.add_argument("--cfg", type=float, default=4.0,
                    help="classifier-free guidance scale (papers: 4.0)")
-    g.add_argument("--sample-batch", type=common.positive_int, default=120,
+    g.add_argument("--sample-batch", type=common.positive_int, default=None,
                    help="samples per forward pass (candidates included); a batch never holds "
-                        "two images of one class, and the images do not depend on it")
+                        "two images of one class, and the images do not depend on it. Default "
+                        "by scale: " + ", ".join(f"{k} {v}" for k, v in SAMPLE_BATCH.items()))
+    g.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="gradient checkpointing of the DiT and the VAE in guided steps: a "
+                        "fraction of the memory for one more forward pass; auto = on at "
+                        "--scale paper, off at small")
     g = p.add_argument_group("method settings (default: the method's column for --scale)")
     for flag, kw in METHOD_FLAGS.items():
         users = {m: spec.defaults[flag] for m, spec in METHODS.items() if flag in spec.defaults}
@@ -184,6 +194,11 @@ class Job:
         self.teacher, self.prior, self.real, self.test = teacher, prior, real, test
         self.scale, self.settings, self.out = scale, settings, out
         self.counts = counts  # images per class of each stage
+        # checkpointing and the batch change how fast and in how much memory, not what is made
+        self.checkpointing = args.checkpointing == "on" or \
+            (args.checkpointing == "auto" and scale == "paper")
+        self.sample_batch = args.sample_batch or SAMPLE_BATCH[
+            scale if scale == "small" or self.checkpointing else "paper without checkpointing"]
         self.per_stage = counts[0]  # the stage size of the methods with equal stages
         self.done = []  # finished stages: dicts with x (uint8), y, z (latents or None)
         self.cache = {}  # what a maker computes once for all stages (delt: the optimisation)
@@ -218,7 +233,7 @@ class Job:
         seeds = [dit.slot_seed(stage_seed(a.seed, k), c, j) for j in range(n) for c in range(C)]
         # a batch = one group of consecutive classes in one round j; the groups are fixed by
         # --sample-batch alone, so the batches are the same whatever order they are made in
-        group = max(1, a.sample_batch // candidates)
+        group = max(1, self.sample_batch // candidates)
         slot_batches = [list(range(j * C + g, j * C + min(g + group, C)))
                         for j in range(n) for g in range(0, C, group)]
         imgs, z, scores = dit.sample(self.prior, y, seeds, steps=a.sample_steps, cfg=a.cfg,
@@ -334,7 +349,7 @@ GUIDED = {  # the guided-sampling defaults lgd and acs share (paper: a latent Di
     "window": both("10,45"),  # of 50 steps (LGD paper)
     "memory": both(64),  # IGD's FIFO length per class
     "eps_const": both(False),
-    "guide_model": both("convnet-3"),
+    "guide_model": {"paper": "convnet-6", "small": "convnet-3"},  # IGD and LGD: ConvNet-6
     "guide_epochs": {"paper": 300, "small": 60},  # f_cur / D_k (our choice)
 }
 
@@ -670,6 +685,8 @@ def plan(args, device, ctx) -> Job:
               settings, counts, args.out or args.run / "distilled" / name)
     if method.check is not None:
         method.check(job)
+    if prior is not None:
+        prior.set_checkpointing(job.checkpointing)
     return job
 
 
@@ -683,15 +700,19 @@ def main():
             if args.method == "delt" else {}
         print(json.dumps(common.jsonable({"method": args.method, "scale": job.scale,
                                           "out": job.out, "images_per_stage": job.counts,
+                                          "sample_batch": job.sample_batch,
+                                          "checkpointing": job.checkpointing,
                                           "settings": job.settings, **extra})))
         return
     cfg_args = {k: v for k, v in vars(args).items() if k not in ("overwrite", "dry_run")}
-    # --sample-batch only groups slots into batches (dit.sample): rerunning with another one
-    # (after running out of memory, say) resumes instead of asking for --overwrite
+    # --sample-batch only groups slots into batches (dit.sample) and checkpointing only trades
+    # memory for compute: rerunning with another (after running out of memory, say) resumes
+    # instead of asking for --overwrite
     common.prepare_folder(job.out, cfg_args, args.overwrite, "distilled set",
-                          ignore=("sample_batch",))
+                          ignore=("sample_batch", "checkpointing"))
     derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
-               "defaults": METHODS[args.method].defaults}
+               "defaults": METHODS[args.method].defaults, "sample_batch": job.sample_batch,
+               "checkpointing": job.checkpointing}
     common.write_config(job.out, cfg_args, derived, device)
     print(f"{args.method}: IPC {args.ipc} as {len(job.counts)} stages of "
           f"{'/'.join(map(str, job.counts))} per class, {job.info.num_classes} classes of "
