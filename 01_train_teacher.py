@@ -297,6 +297,8 @@ def main():
             what = f"dataset {old['name']!r}" if old["name"] != info.name else f"other {info.name} settings"
             raise common.UserError(f"{args.run} was made for {what} (see its dataset.json); "
                               f"choose another --run or pass --overwrite")
+    for sub in ("teacher", "dit"):  # one writer per run: a second 01 on it ends here
+        common.lock_folder(args.run / sub, "run")
     args.run.mkdir(parents=True, exist_ok=True)
     common.write_json(ds_file, info.to_dict())
     print(f"dataset {info.name}: {len(train.y)} train / {len(test.y)} test, {info.num_classes} classes, "
