@@ -73,6 +73,7 @@ class Method:
     uses_prior: bool = True  # reads <run>/dit
     stages: Callable = equal_stages  # (args, settings) -> images per class of each stage
     check: Callable | None = None  # (job) -> None, more checks before anything is written
+    parallel: bool = True  # under torchrun every rank runs make (its share); False: rank 0 alone
 
 
 METHODS: dict = {}  # name -> Method, filled by each method's section
@@ -202,6 +203,10 @@ class Job:
         self.per_stage = counts[0]  # the stage size of the methods with equal stages
         self.done = []  # finished stages: dicts with x (uint8), y, z (latents or None)
         self.cache = {}  # what a maker computes once for all stages (delt: the optimisation)
+        self.owned = {}  # stage -> the classes whose images this rank made (torchrun)
+
+    def stage_folder(self, k: int) -> Path:
+        return self.out / f"stage_{k + 1:02d}"
 
     def labels(self) -> torch.Tensor:
         """Class-major labels of one increment: per_stage images of class 0, then class 1, ..."""
@@ -227,21 +232,42 @@ class Job:
         Slots are sampled slot-major (image j of every class, then image j + 1), so the memory
         moves on after every batch; slot (c, j) draws its noise from its own seed, so neither
         the process that samples class c nor the order of the batches changes its image.
+        Under torchrun the class groups go round-robin to the ranks and rank 0 gathers every
+        rank's slots; the other ranks get theirs with zeros elsewhere and write only their own
+        classes (self.owned). Images come back as their PNGs hold them (uint8 / 255).
         """
-        a, C, n = self.args, self.info.num_classes, self.per_stage
+        a, C, n, r = self.args, self.info.num_classes, self.per_stage, common.ranks()
         y = torch.arange(C, device=self.device).repeat(n)  # slot-major: slot j * C + c = (c, j)
         seeds = [dit.slot_seed(stage_seed(a.seed, k), c, j) for j in range(n) for c in range(C)]
         # a batch = one group of consecutive classes in one round j; the groups are fixed by
         # --sample-batch alone, so the batches are the same whatever order they are made in
         group = max(1, self.sample_batch // candidates)
-        slot_batches = [list(range(j * C + g, j * C + min(g + group, C)))
-                        for j in range(n) for g in range(0, C, group)]
-        imgs, z, scores = dit.sample(self.prior, y, seeds, steps=a.sample_steps, cfg=a.cfg,
-                                     guidance=guidance, candidates=candidates, score=score,
-                                     slot_batches=slot_batches, ctx=self.ctx, desc=desc)
+        groups = [list(range(g, min(g + group, C))) for g in range(0, C, group)]
+        mine = groups[r.rank::r.world]  # a class's rounds all stay on one rank: its memory
+        self.owned[k] = [c for g in mine for c in g]
+        slot_batches = [[j * C + c for c in g] for j in range(n) for g in mine]
+        slots = [i for b in slot_batches for i in b]
+        where = {i: p for p, i in enumerate(slots)}  # slot -> its row in this rank's share
+        shape = (self.info.channels, self.info.size, self.info.size)
+        part = ([], torch.zeros(0, *shape, dtype=torch.uint8),
+                torch.zeros(0, *self.prior.latent_shape), torch.zeros(0))
+        if slots:
+            imgs, z, scores = dit.sample(
+                self.prior, y[slots], [seeds[i] for i in slots], steps=a.sample_steps,
+                cfg=a.cfg, guidance=guidance, candidates=candidates, score=score,
+                slot_batches=[[where[i] for i in b] for b in slot_batches], ctx=self.ctx,
+                desc=desc)
+            part = (slots, common.to_u8(imgs).cpu(), z.float().cpu(), scores.float().cpu())
+        parts = r.gather(part) or [part]  # rank 0: every rank's share; the others: their own
+        x, zs, sc = torch.zeros(n * C, *shape, dtype=torch.uint8), \
+            torch.zeros(n * C, *self.prior.latent_shape), torch.zeros(n * C)
+        for idx, x_part, z_part, s_part in parts:
+            if idx:
+                x[idx], zs[idx], sc[idx] = x_part, z_part, s_part
         # back to the class-major order of the stage's files
-        order = torch.arange(n * C, device=imgs.device).view(n, C).t().flatten()
-        return imgs[order], z[order], scores[order]
+        order = torch.arange(n * C).view(n, C).t().flatten()
+        return (common.to_float(x[order]).to(self.device), zs[order].to(self.device),
+                sc[order].to(self.device))
 
     def guidance(self, terms: list) -> dit.Guidance:
         """The method's guidance settings around `terms`, with the memory of earlier stages."""
@@ -249,12 +275,23 @@ class Job:
         return dit.Guidance(terms=terms, scale=s["lam"], c0=s["c0"], window=s["window"],
                             deviation=s["gamma"], memory=self.memory(), eps_const=s["eps_const"])
 
-    def train_guide(self, k: int, proto: common.Protocol, name: str) -> common.Classifier:
+    def train_guide(self, k: int, proto: common.Protocol, name: str,
+                    file: str) -> common.Classifier:
         """f_cur / D_k: trained from scratch on every finished stage, seeded by the stage, then
-        frozen (guidance needs gradients with respect to images only)."""
-        model = common.build_model(self.settings["guide_model"], self.info).to(self.device)
-        common.fit(model, self.union(), self.info, proto, epochs=self.settings["guide_epochs"],
-                   seed=stage_seed(self.args.seed, k), ctx=self.ctx, desc=f"stage {k + 1} {name}")
+        frozen (guidance needs gradients with respect to images only). Under torchrun rank 0
+        trains it once and shares it as stage k's `file`; the other ranks wait and load it."""
+        r, path = common.ranks(), self.stage_folder(k) / file
+        if r.main:
+            model = common.build_model(self.settings["guide_model"], self.info).to(self.device)
+            common.fit(model, self.union(), self.info, proto,
+                       epochs=self.settings["guide_epochs"], seed=stage_seed(self.args.seed, k),
+                       ctx=self.ctx, desc=f"stage {k + 1} {name}")
+            if r.world > 1:
+                common.save_classifier(path, model, self.settings["guide_model"], self.info,
+                                       stage=k + 1)
+        r.barrier()
+        if not r.main:
+            model = common.load_classifier(path, self.info, self.device)
         return model.requires_grad_(False)
 
 
@@ -264,13 +301,19 @@ def ce(model, x_u8, y, ctx) -> torch.Tensor:
     return F.cross_entropy(common.predict(model, x_u8, ctx=ctx), y, reduction="none")
 
 
-def write_stage(folder: Path, job: Job, k: int, out: dict, seconds: float) -> dict:
-    """Images, latents and models of one stage, then the manifest (last: the stage is done)."""
-    info = job.info
+def write_stage(folder: Path, job: Job, k: int, out: dict | None, seconds: float) -> dict | None:
+    """Images, latents and models of one stage, then the manifest (last: the stage is done).
+    Under torchrun every rank writes the images of the classes it sampled (rank 0 all of a
+    stage made whole), then rank 0 the rest once every rank's images are on disk."""
+    info, r = job.info, common.ranks()
     n, base = job.counts[k], sum(job.counts[:k])  # indices continue after earlier stages
-    for c in range(info.num_classes):
+    classes = job.owned.get(k, range(info.num_classes) if r.main else [])
+    for c in classes if out is not None else []:
         for j, img in enumerate(out["x"][out["y"] == c]):
             common.save_png(img.float() / 255, folder / info.classes[c] / f"{base + j:06d}.png")
+    r.barrier()
+    if not r.main:
+        return None
     if out["z"] is not None:
         common.torch_save(out["z"].cpu(), folder / "latents.pt")
     for name, model in out.get("models", {}).items():
@@ -330,7 +373,7 @@ def make_dit(job: Job, k: int) -> dict:
     return {"x": common.to_u8(imgs), "y": job.labels(), "z": z, "scores": {}}
 
 
-METHODS["random"] = Method(make_random, uses_prior=False, check=check_random)
+METHODS["random"] = Method(make_random, uses_prior=False, check=check_random, parallel=False)
 METHODS["dit"] = Method(make_dit)
 
 
@@ -391,7 +434,7 @@ def make_lgd(job: Job, k: int) -> dict:
         with torch.no_grad(), job.ctx:
             z = job.prior.encode(common.to_float(x.x)).float()
         return {"x": x.x, "y": x.y, "z": z, "scores": {}}
-    current = job.train_guide(k, common.Protocol("hard"), "f_cur")
+    current = job.train_guide(k, common.Protocol("hard"), "f_cur", "current.pt")
     terms = dit.learnability_terms(current, job.teacher, job.settings["omega"])
     imgs, z, S = job.sample(k, job.guidance(terms), candidates=job.settings["candidates"],
                             score=lambda im, yy: dit.objective(terms, im, yy),
@@ -426,7 +469,8 @@ def make_acs(job: Job, k: int) -> dict:
         imgs, z, _ = job.sample(k, job.guidance([]), desc="curriculum 1")
         return {"x": common.to_u8(imgs), "y": y, "z": z, "scores": {}}
     # D_k: SGD 0.01, momentum 0.9, wd 5e-4, CutMix + crop, MultiStep (the precursor's recipe)
-    disc = job.train_guide(k, common.Protocol("hard", lr=0.01, wd=5e-4, optimizer="sgd"), "D_k")
+    disc = job.train_guide(k, common.Protocol("hard", lr=0.01, wd=5e-4, optimizer="sgd"), "D_k",
+                           "discriminator.pt")
     terms = dit.adversarial_terms(disc, job.teacher, job.settings["omega"],
                                   job.settings["adv_form"])
     # the same curriculum without the adversarial term, from the same noise: D_k's "before"
@@ -609,8 +653,9 @@ def delt_run(job: Job) -> list:
     todo = [b for b, f in enumerate(files) if not f.exists()]
     if len(todo) < len(files):
         tqdm.write(f"delt: resuming, {len(files) - len(todo)} of {len(files)} batches done earlier")
+    r = common.ranks()
     ranks = None if job.settings["init"] == "noise" else delt_init_ranks(job)
-    for b in tqdm(todo, desc="delt batches", unit="batch"):
+    for b in tqdm([b for b in todo if b % r.world == r.rank], desc="delt batches", unit="batch"):
         t0 = time.time()
         res = delt_optimise(job, batches[b], ranks, delt_batch_seed(job.args.seed, b))
         res.update(classes=batches[b], seed=delt_batch_seed(job.args.seed, b),
@@ -620,6 +665,7 @@ def delt_run(job: Job) -> list:
                    f"{batches[b][-1]}): {res['seconds']:.0f} s, final CE {res['final_ce']:.3f}, "
                    f"BN {res['final_bn']:.3f}, p_init {res['p_init'].mean():.3f} -> p_final "
                    f"{res['p_final'].mean():.3f}")
+    r.barrier()  # torchrun: the batches go round-robin to the ranks; all on disk before reading
     return files
 
 
@@ -695,7 +741,10 @@ def main():
     device, ctx = common.setup_device(args.device, args.amp)
     t_start = time.time()
     job = plan(args, device, ctx)
+    r = common.ranks()
     if args.dry_run:
+        if not r.main:
+            return
         extra = {"join_iterations": delt_joins(job.counts, job.settings["round_iterations"])} \
             if args.method == "delt" else {}
         print(json.dumps(common.jsonable({"method": args.method, "scale": job.scale,
@@ -705,41 +754,54 @@ def main():
                                           "settings": job.settings, **extra})))
         return
     cfg_args = {k: v for k, v in vars(args).items() if k not in ("overwrite", "dry_run")}
-    # --sample-batch only groups slots into batches (dit.sample) and checkpointing only trades
-    # memory for compute: rerunning with another (after running out of memory, say) resumes
-    # instead of asking for --overwrite
-    common.prepare_folder(job.out, cfg_args, args.overwrite, "distilled set",
-                          ignore=("sample_batch", "checkpointing"))
-    derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
-               "defaults": METHODS[args.method].defaults, "sample_batch": job.sample_batch,
-               "checkpointing": job.checkpointing}
-    common.write_config(job.out, cfg_args, derived, device)
+
+    def claim():  # rank 0, for the whole job: one writer per folder, then its config.json
+        common.lock_folder(job.out, "distilled set")
+        # --sample-batch only groups slots into batches (dit.sample) and checkpointing only
+        # trades memory for compute: rerunning with another (after running out of memory,
+        # say) resumes instead of asking for --overwrite
+        common.prepare_folder(job.out, cfg_args, args.overwrite, "distilled set",
+                              ignore=("sample_batch", "checkpointing"))
+        derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
+                   "defaults": METHODS[args.method].defaults, "sample_batch": job.sample_batch,
+                   "checkpointing": job.checkpointing, "processes": r.world}
+        common.write_config(job.out, cfg_args, derived, device)
+    r.on_main(claim)
     print(f"{args.method}: IPC {args.ipc} as {len(job.counts)} stages of "
           f"{'/'.join(map(str, job.counts))} per class, {job.info.num_classes} classes of "
-          f"{job.info.name}; {job.scale} scale; device {device}; writing {job.out}")
-    if job.settings:
+          f"{job.info.name}; {job.scale} scale; device {device}; writing {job.out}"
+          + (f" (rank {r.rank} of {r.world})" if r.world > 1 else ""))
+    if job.settings and r.main:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in job.settings.items()))
+    method = METHODS[args.method]
     for k in tqdm(range(len(job.counts)), desc=f"{args.method} stages", unit="stage"):
-        folder = job.out / f"stage_{k + 1:02d}"
+        folder = job.stage_folder(k)
         if (folder / "manifest.json").exists():
             job.done.append(load_stage(folder, job))
             tqdm.write(f"stage {k + 1}: done earlier, skipping")
             continue
-        if folder.exists():
+        if folder.exists() and r.main:
             shutil.rmtree(folder)  # unfinished: start the stage again from its own seed
+        r.barrier()  # torchrun: no rank writes into the stage before its leftovers are gone
         common.seed_everything(stage_seed(args.seed, k))
         t0 = time.time()
-        res = METHODS[args.method].make(job, k)
+        res = method.make(job, k) if method.parallel or r.main else None
         m = write_stage(folder, job, k, res, time.time() - t0)
-        job.done.append({"x": res["x"], "y": res["y"], "z": res["z"]})
+        r.barrier()  # the manifest is on disk: every rank may read the stage
+        # the other ranks hold only their own classes' images: they read the stage back
+        job.done.append({"x": res["x"], "y": res["y"], "z": res["z"]} if r.main else
+                        load_stage(folder, job))
+        if m is None:
+            continue
         extra = {n: m[n] for n in ("current_test_acc", "disc_acc_before", "disc_acc_after")
                  if n in m}
         tqdm.write(f"stage {k + 1}/{len(job.counts)}: {m['seconds']:.0f} s, reference acc "
                    f"{m['reference_acc']:.1f} %, reference loss {m['reference_loss']:.3f}, "
                    + ", ".join(f"{n} {v:.3f}" for n, v in {**m["mean_scores"], **extra}.items()))
-    if args.method == "delt":  # every stage has its manifest: the batch results are not needed
+    if args.method == "delt" and r.main:  # every stage has its manifest: batches not needed
         shutil.rmtree(job.out / DELT_STATE, ignore_errors=True)
-    print(f"02 done in {time.time() - t_start:.0f} s: {job.out}")
+    if r.main:
+        print(f"02 done in {time.time() - t_start:.0f} s: {job.out}")
 
 
 if __name__ == "__main__":

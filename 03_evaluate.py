@@ -240,6 +240,8 @@ class Evaluation:
         self.out, self.cache = self.run / "eval" / args.name, self.run / "eval" / "cache"
         self.test_hash = split_hash(self.test)
         self.trained, self.reused, self.done = 0, 0, set()  # done: keys trained in this call
+        self.collect = None  # a list while planning torchrun's shares: student() only records
+        self.fresh = set()  # keys another rank trained in this call: counted as trained once
 
     def _full_epochs(self) -> int:
         a = self.args.full_epochs
@@ -261,6 +263,7 @@ class Evaluation:
         cargs = {k: v for k, v in vars(self.args).items()
                  if k not in ("overwrite", "device", "amp")}
         cargs["sets"], cargs["run"] = [str(f) for f in self.folders], str(self.run)
+        common.lock_folder(self.out, "evaluation")  # a second 03 on this folder ends here
         common.prepare_folder(self.out, cargs, self.args.overwrite, "evaluation")
         self.derived = {
             "epoch_rule": self.rule, "epochs_by_ipc": {i: self.epochs(i) for i in self.ipcs},
@@ -287,8 +290,15 @@ class Evaluation:
                "targets": {k: split_hash(v) for k, v in sorted(targets.items())}}
         key = hashlib.sha1(json.dumps(job, sort_keys=True).encode()).hexdigest()[:20]
         path = self.cache / "students" / f"{key}.json"
+        if self.collect is not None:  # planning: record the student, train nothing
+            self.collect.append((key, (train, student, proto, epochs, seed, targets, desc)))
+            return {"acc": math.nan, "on": {k: math.nan for k in targets}, "wall_s": 0.0}
         if path.exists() and (not self.args.overwrite or key in self.done):
-            self.reused += 1
+            if key in self.fresh:
+                self.fresh.discard(key)
+                self.trained += 1
+            else:
+                self.reused += 1
             return common.read_json(path)
         t0 = time.time()
         common.seed_everything(seed)  # the weight initialisation
@@ -322,6 +332,34 @@ class Evaluation:
 # ------------------------------------------------------------------------------------------
 # the evaluation's steps
 # ------------------------------------------------------------------------------------------
+
+
+def train_shares(ev: Evaluation):
+    """torchrun: every rank trains its share of the students this evaluation needs into the
+    student cache, so that rank 0 then assembles every number from the cache alone.
+
+    The steps below run once with student() recording instead of training; the students not
+    in the cache are dealt out longest first, each to the least loaded rank (cost: training
+    images x epochs). A student's result depends on its seed alone, not on its process.
+    """
+    r = common.ranks()
+    ev.collect = []
+    accuracy_rows(ev)
+    increment_analyses(ev)
+    jobs, ev.collect = dict(ev.collect), None  # key -> arguments
+    todo = r.broadcast([k for k in jobs if ev.args.overwrite or
+                        not (ev.cache / "students" / f"{k}.json").exists()] if r.main else None)
+    load, mine = [0] * r.world, []
+    for key in sorted(todo, key=lambda k: -len(jobs[k][0].y) * jobs[k][3]):  # stable: same
+        rank = load.index(min(load))  # order on every rank
+        load[rank] += len(jobs[key][0].y) * jobs[key][3]
+        if rank == r.rank:
+            mine.append(key)
+    for key in mine:
+        ev.student(*jobs[key][:6], desc=jobs[key][6])
+    r.barrier()
+    ev.done |= set(todo)  # trained in this call, by some rank: reused even under --overwrite
+    ev.fresh, ev.trained, ev.reused = set(todo), 0, 0
 
 
 def accuracy_rows(ev: Evaluation) -> list:
@@ -581,9 +619,14 @@ def main():
     device, ctx = common.setup_device(args.device, args.amp)
     t_start = time.time()
     ev = Evaluation(args, device, ctx)  # every input checked before anything is written
-    if not ev.sets:
+    r = common.ranks()
+    if not ev.sets and r.main:
         print(f"no distilled sets under {ev.run}/distilled yet: evaluating the baselines only")
-    ev.start()
+    r.on_main(ev.start)  # rank 0 holds the folder's lock and writes its config.json
+    if r.world > 1:  # torchrun: the students spread over the ranks, rank 0 writes the results
+        train_shares(ev)
+        if not r.main:
+            return
     rows = accuracy_rows(ev)
     stages, red = increment_analyses(ev)
     info, metrics = ev.info, ev.run / "teacher" / "metrics.json"
