@@ -96,7 +96,7 @@ def parse_epochs(s: str, epochs: int) -> list:
 # --------------------------------------------------------------------------------------
 
 
-def train_teacher(args, info, train, test, device, ctx):
+def train_teacher(args, info, train, test, device, ctx, phase):
     """Train (or resume, or import with --teacher) the reference classifier; returns it in eval mode."""
     folder = args.run / "teacher"
     keep = parse_epochs(args.keep_epochs, args.epochs)
@@ -105,8 +105,10 @@ def train_teacher(args, info, train, test, device, ctx):
     common.prepare_folder(folder, targs, args.overwrite, "teacher")
     if (folder / "metrics.json").exists():
         print(f"teacher: done earlier ({common.read_json(folder / 'metrics.json')['test_acc']:.2f} %), skipping")
+        phase.skipped = True
         return common.load_classifier(folder / "teacher.pt", info, device)
-    common.write_config(folder, targs, {"keep_epochs": keep, "train_size": len(train.y)}, device)
+    common.write_config(folder, targs, {"keep_epochs": keep, "train_size": len(train.y)}, device,
+                        ctx)
     t0 = time.time()
     if args.teacher is not None:
         model = common.load_classifier(args.teacher, info, device)
@@ -180,7 +182,8 @@ def train_dit(args, info, train, device, ctx, teacher):
     print(f"dit: pixel DiT width {args.dit_width} depth {args.dit_depth} patch {args.dit_patch}, "
           f"{n_par / 1e6:.2f} M parameters, {args.dit_steps} steps of batch {args.dit_batch}, {device}")
     N, t_log, loss_sum, n_log = len(train.y), time.time(), 0.0, 0
-    bar = tqdm(range(start, args.dit_steps), desc="dit", initial=start, total=args.dit_steps)
+    bar = tqdm(range(start, args.dit_steps), desc="dit", unit="step", initial=start,
+               total=args.dit_steps)
     for step in bar:
         idx = torch.randint(0, N, (args.dit_batch,), device=device)
         x0, y = common.to_float(train.x[idx]) * 2 - 1, train.y[idx]  # (B, C, H, W) in [-1, 1]
@@ -233,7 +236,7 @@ def probe(model, ema, noise, info, teacher, args, device, ctx):
     return acc
 
 
-def make_dit(args, info, train, device, ctx, teacher, pretrained):
+def make_dit(args, info, train, device, ctx, teacher, pretrained, timings):
     """Train or load the DiT prior, then measure its sample accuracy with the teacher."""
     folder = args.run / "dit"
     dargs = {k: getattr(args, k) for k in vars(args) if k.startswith(("dit", "sample", "cfg"))
@@ -243,21 +246,27 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained):
     if (folder / "metrics.json").exists():
         print(f"dit: done earlier (sample accuracy {common.read_json(folder / 'metrics.json')['sample_acc']:.1f} %), "
               f"skipping")
+        timings.add("01/prior", 0.0, 0.0, skipped=True)
+        timings.add("01/sample check", 0.0, 0.0, skipped=True)
         return
-    common.write_config(folder, dargs, {"pretrained": args.dit is not None}, device)
+    common.write_config(folder, dargs, {"pretrained": args.dit is not None}, device, ctx)
     t0 = time.time()
-    if args.dit is None:
-        common.seed_everything(args.seed)
-        prior, curve, n_par = train_dit(args, info, train, device, ctx, teacher)
-        prior.save(folder)
-        train_s = time.time() - t0
-    else:
-        prior = pretrained
-        common.write_json(folder / "source.json", {"dit": str(args.dit)})
-        curve, n_par, train_s = [], sum(p.numel() for p in prior.transformer.parameters()), 0.0
+    with timings.phase("01/prior") as phase:
+        if args.dit is None:
+            common.seed_everything(args.seed)
+            prior, curve, n_par = train_dit(args, info, train, device, ctx, teacher)
+            prior.save(folder)
+            phase.extra = {"steps": args.dit_steps, "batch": args.dit_batch}
+        else:  # loaded in main(): nothing to train
+            prior = pretrained
+            common.write_json(folder / "source.json", {"dit": str(args.dit)})
+            curve, n_par = [], sum(p.numel() for p in prior.transformer.parameters())
+    train_s = time.time() - t0
     t1 = time.time()
-    acc, per, imgs = sample_accuracy(prior, teacher, info, args.samples_per_class, args, device, ctx,
-                                     seed=args.seed)
+    with timings.phase("01/sample check") as phase:
+        acc, per, imgs = sample_accuracy(prior, teacher, info, args.samples_per_class, args, device,
+                                         ctx, seed=args.seed)
+        phase.extra = {"images": len(imgs), "steps": args.sample_steps}
     sample_s = time.time() - t1
     k = min(10, args.samples_per_class)
     grid = imgs.view(info.num_classes, args.samples_per_class, *imgs.shape[1:])[:, :k].flatten(0, 1)
@@ -304,8 +313,11 @@ def main():
     print(f"dataset {info.name}: {len(train.y)} train / {len(test.y)} test, {info.num_classes} classes, "
           f"{info.channels}x{info.size}x{info.size}; run folder {args.run}")
     train, test = train.to(device), test.to(device)
-    teacher = train_teacher(args, info, train, test, device, ctx)
-    make_dit(args, info, train, device, ctx, teacher, pretrained)
+    timings = common.Timings(args.run)
+    with timings.phase("01/teacher") as phase:
+        teacher = train_teacher(args, info, train, test, device, ctx, phase)
+    make_dit(args, info, train, device, ctx, teacher, pretrained, timings)
+    timings.report("01")
     print(f"01 done in {time.time() - t0:.0f} s")
 
 

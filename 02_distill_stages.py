@@ -241,6 +241,8 @@ class Job:
         seeds = [dit.slot_seed(stage_seed(a.seed, k), c, j) for j in range(n) for c in range(C)]
         # a batch = one group of consecutive classes in one round j; the groups are fixed by
         # --sample-batch alone, so the batches are the same whatever order they are made in
+        # and whichever rank makes them (another grouping is the same computation, but its
+        # batched kernels may round differently in the last bit)
         group = max(1, self.sample_batch // candidates)
         groups = [list(range(g, min(g + group, C))) for g in range(0, C, group)]
         mine = groups[r.rank::r.world]  # a class's rounds all stay on one rank: its memory
@@ -739,7 +741,7 @@ def plan(args, device, ctx) -> Job:
 def main():
     args = parse_args()
     device, ctx = common.setup_device(args.device, args.amp)
-    t_start = time.time()
+    t_start, load_start = time.time(), common.load_average()
     job = plan(args, device, ctx)
     r = common.ranks()
     if args.dry_run:
@@ -765,7 +767,7 @@ def main():
         derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
                    "defaults": METHODS[args.method].defaults, "sample_batch": job.sample_batch,
                    "checkpointing": job.checkpointing, "processes": r.world}
-        common.write_config(job.out, cfg_args, derived, device)
+        common.write_config(job.out, cfg_args, derived, device, ctx)
     r.on_main(claim)
     print(f"{args.method}: IPC {args.ipc} as {len(job.counts)} stages of "
           f"{'/'.join(map(str, job.counts))} per class, {job.info.num_classes} classes of "
@@ -774,6 +776,7 @@ def main():
     if job.settings and r.main:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in job.settings.items()))
     method = METHODS[args.method]
+    made = []  # (stage, seconds) made by this call
     for k in tqdm(range(len(job.counts)), desc=f"{args.method} stages", unit="stage"):
         folder = job.stage_folder(k)
         if (folder / "manifest.json").exists():
@@ -786,7 +789,9 @@ def main():
         common.seed_everything(stage_seed(args.seed, k))
         t0 = time.time()
         res = method.make(job, k) if method.parallel or r.main else None
-        m = write_stage(folder, job, k, res, time.time() - t0)
+        seconds = time.time() - t0
+        m = write_stage(folder, job, k, res, seconds)
+        made.append((k + 1, round(seconds, 1)))
         r.barrier()  # the manifest is on disk: every rank may read the stage
         # the other ranks hold only their own classes' images: they read the stage back
         job.done.append({"x": res["x"], "y": res["y"], "z": res["z"]} if r.main else
@@ -800,8 +805,15 @@ def main():
                    + ", ".join(f"{n} {v:.3f}" for n, v in {**m["mean_scores"], **extra}.items()))
     if args.method == "delt" and r.main:  # every stage has its manifest: batches not needed
         shutil.rmtree(job.out / DELT_STATE, ignore_errors=True)
-    if r.main:
-        print(f"02 done in {time.time() - t_start:.0f} s: {job.out}")
+    if not r.main:
+        return
+    # one phase per set, loading the run included; a call that only found finished stages
+    # keeps the entry of the call that made them (under torchrun: rank 0's wall time)
+    timings = common.Timings(args.run)
+    timings.add(f"02/{job.out.name}", time.time() - t_start, load_start, skipped=not made,
+                stage_seconds=dict(made), resumed=len(made) < len(job.counts))
+    timings.report("02")
+    print(f"02 done in {time.time() - t_start:.0f} s: {job.out}")
 
 
 if __name__ == "__main__":

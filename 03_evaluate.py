@@ -14,9 +14,15 @@ Writes: <run>/eval/<name>/
         <run>/eval/cache/
           random_ipc<N>_seed<S>.json   the random real subsets (class-balanced, disjoint draws)
           students/<key>.json          one trained student's accuracies, keyed by data hash,
-                                       student, protocol, epochs and seed: reruns skip it
+                                       student, protocol, epochs, seed and the splits it is
+                                       tested on: reruns and the analyses skip it
+        <run>/timings.json  seconds and load average of every phase (03/<name>/inputs,
+                            baselines, sets, stages, redundancy, diversity)
 Accuracy is the final-epoch top-1 on the real test split, mean +- std over student seeds;
 nothing is selected on the test split (no best epoch, no learning-rate search; §7.4).
+No student is trained twice: per-stage accuracy's stage-1 student is redundancy's T1 student,
+and a set of 02's `random` method that holds the random baseline's draw 0 (the same
+class_permutations blocks) takes the baseline's row.
 
 Examples:
   python 03_evaluate.py --run runs/mnist5k                # CPU, every set of the embedded run
@@ -29,6 +35,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -110,6 +117,14 @@ def dd_ranking(full_hard: float, syn_hard: float, syn_own: float, rand_own: floa
     hlr, ior = full_hard - syn_hard, syn_own - rand_own
     alpha = (ior - hlr) / 2
     return {"hlr": hlr, "ior": ior, "lrs": (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1))}
+
+
+def same_images(a: common.Split, b: common.Split) -> bool:
+    """Do two splits hold the same (image, label) pairs, in any order?"""
+    def pairs(s):
+        return sorted(hashlib.sha1(x.tobytes()).hexdigest() + f":{y}"
+                      for x, y in zip(s.x.cpu().numpy(), s.y.cpu().tolist()))
+    return len(a.y) == len(b.y) and pairs(a) == pairs(b)
 
 
 def split_hash(s: common.Split) -> str:
@@ -272,11 +287,42 @@ class Evaluation:
             "analysis_seeds": self.analysis_seeds,
             "protocols": {p: asdict(self.proto[p]) for p in self.used},
             "own_protocol": {s["name"]: s["own"] for s in self.sets}, "ipcs": self.ipcs}
-        common.write_config(self.out, cargs, self.derived, self.device)
+        common.write_config(self.out, cargs, self.derived, self.device, self.ctx)
+        self.draws = {ipc: random_draws(self.train, ipc, len(self.seeds), self.args.seed,
+                                        self.cache, self.args.overwrite)
+                      for ipc in self.ipcs
+                      if "random" in self.baselines or "diversity" in self.analyses}
+        for st in self.sets:  # 02's random sets that are the baseline's first draw
+            first = self.draws[st["ipc"]][0] if "random" in self.baselines else None
+            st["baseline_draw"] = first is not None and same_images(
+                common.Split.cat(st["stages"]), common.Split(self.train.x[first],
+                                                             self.train.y[first]))
+            if st["baseline_draw"]:
+                print(f"{st['name']}: the images of the random baseline's draw 0 (02's random "
+                      f"and 03's draws take the same class_permutations blocks); its row "
+                      f"repeats the baseline's, no student is trained for it")
         print(f"03: {len(self.sets)} set(s) {[s['name'] for s in self.sets]}, students "
               f"{self.students}, protocols {self.used}, seeds {self.seeds}, epoch rule "
               f"{self.rule} ({self.derived['epochs_by_ipc']}), full data {self.full_epochs} "
               f"epochs, {self.device}")
+
+    @contextmanager
+    def timed(self, timings: common.Timings, step: str):
+        """Time one step as phase 03/<name>/<step>, with the students it trained and reused;
+        a step that trained none keeps the entry of the call that trained them. timings None
+        (torchrun's planning pass, train_shares) times nothing. Under torchrun the students
+        were trained before, by every rank (phase 'students on N ranks'): a step then counts
+        them but takes only the reading of the cache."""
+        if timings is None:
+            yield
+            return
+        trained, reused = self.trained, self.reused
+        with timings.phase(f"03/{self.args.name}/{step}") as ph:
+            yield
+            ph.extra = {"students_trained": self.trained - trained,
+                        "students_reused": self.reused - reused}
+            if self.trained == trained:
+                ph.skipped = "skipped: no student trained (all cached, or none asked for)"
 
     # --- training students, cached per (data, student, protocol, epochs, seed, targets) ---
 
@@ -316,9 +362,10 @@ class Evaluation:
         tqdm.write(f"{desc}: {out['acc']:.2f} % ({out['wall_s']:.0f} s)")
         return out
 
-    def row(self, kind, name, method, ipc, splits: list, student, proto, epochs, seeds) -> dict:
+    def row(self, kind, name, method, ipc, splits: list, student, proto, epochs, seeds,
+            targets: dict | None = None) -> dict:
         """Mean +- std over seeds; splits[k] is seed k's training set (random draws differ)."""
-        rs = [self.student(s, student, proto, epochs, seed,
+        rs = [self.student(s, student, proto, epochs, seed, targets,
                            desc=f"{name} {student} {proto} seed {seed}")
               for s, seed in zip(splits, seeds)]
         accs = [r["acc"] for r in rs]
@@ -344,9 +391,9 @@ def train_shares(ev: Evaluation):
     """
     r = common.ranks()
     ev.collect = []
-    accuracy_rows(ev)
-    increment_analyses(ev)
-    jobs, ev.collect = dict(ev.collect), None  # key -> arguments
+    set_rows(ev, baseline_rows(ev))
+    increment_analyses(ev, None)
+    jobs, ev.collect = dict(ev.collect), None  # key -> arguments (one student asked twice: once)
     todo = r.broadcast([k for k in jobs if ev.args.overwrite or
                         not (ev.cache / "students" / f"{k}.json").exists()] if r.main else None)
     load, mine = [0] * r.world, []
@@ -362,12 +409,10 @@ def train_shares(ev: Evaluation):
     ev.fresh, ev.trained, ev.reused = set(todo), 0, 0
 
 
-def accuracy_rows(ev: Evaluation) -> list:
-    """Every (set or baseline) x student x protocol row, seeds as its mean +- std."""
+def baseline_rows(ev: Evaluation) -> list:
+    """The full-data and random rows: every student x protocol, seeds as mean +- std."""
     rows, train, n = [], ev.train, len(ev.seeds)
-    ev.draws = {ipc: random_draws(train, ipc, n, ev.args.seed, ev.cache, ev.args.overwrite)
-                for ipc in ev.ipcs if "random" in ev.baselines or "diversity" in ev.analyses}
-    for student in tqdm(ev.students, desc="students", unit="model"):
+    for student in tqdm(ev.students, desc="baselines", unit="architecture"):
         if "full" in ev.baselines:
             full_ipc = len(train.y) // ev.info.num_classes
             rows += [ev.row("full", "full", "full", full_ipc, [train] * n, student, p,
@@ -377,9 +422,26 @@ def accuracy_rows(ev: Evaluation) -> list:
                 draws = [common.Split(train.x[d], train.y[d]) for d in ev.draws[ipc]]
                 rows += [ev.row("random", "random", "random", ipc, draws, student, p,
                                 ev.epochs(ipc), ev.seeds) for p in ev.used]
+    return rows
+
+
+def set_rows(ev: Evaluation, baseline: list) -> list:
+    """Every set x student x protocol (those asked for and the set's own), seeds as mean +-
+    std. A set that is the random baseline's draw 0 takes the baseline's row (`same_as`):
+    the same kind of subset, not trained twice."""
+    rows, n = [], len(ev.seeds)
+    for student in tqdm(ev.students, desc="sets", unit="architecture"):
         for s in ev.sets:
             union = common.Split.cat(s["stages"])
             for p in ev.protocols + ([s["own"]] if s["own"] not in ev.protocols else []):
+                if s["baseline_draw"]:
+                    base = next(r for r in baseline if (r["kind"], r["student"], r["protocol"],
+                                                        r["ipc"]) ==
+                                ("random", student, p, s["ipc"]))
+                    rows.append({**base, "kind": "set", "set": s["name"], "method": s["method"],
+                                 "same_as": "random baseline: draws 0.., one per seed",
+                                 "wall_s": 0.0})
+                    continue
                 rows.append(ev.row("set", s["name"], s["method"], s["ipc"], [union] * n, student,
                                    p, ev.epochs(s["ipc"]), ev.seeds))
     return rows
@@ -403,11 +465,18 @@ def ddranking_scores(ev: Evaluation, rows: list) -> dict:
     return dd
 
 
+def increment_targets(s: dict) -> dict:
+    """{"T1": increment 1, ...}: what a student trained on one increment is tested on. Part of
+    the student's cache key, so per-stage accuracy's stage-1 student asks for the same targets
+    as redundancy's T1 student and the two are one training run."""
+    return {f"T{b + 1}": st for b, st in enumerate(s["stages"])}
+
+
 def redundancy(ev: Evaluation, s: dict, student, proto) -> dict:
     """Cross-increment matrix M[a][b] (§7.6): accuracy (%) on increment b's images of a student
     trained on increment a alone."""
     stages, seeds = s["stages"], ev.analysis_seeds
-    targets = {f"T{b + 1}": st for b, st in enumerate(stages)}
+    targets = increment_targets(s)
     K = len(stages)
     M = np.zeros((K, K))
     for a, st in enumerate(stages):
@@ -424,9 +493,9 @@ def redundancy(ev: Evaluation, s: dict, student, proto) -> dict:
             "protocol": proto, "seeds": list(seeds)}
 
 
-def increment_analyses(ev: Evaluation) -> tuple:
+def increment_analyses(ev: Evaluation, timings: common.Timings) -> tuple:
     """Per-stage accuracy (LGD Table 4) and redundancy (LGD Fig. 2) of each increment method's
-    largest set: its stages already give every smaller accumulated IPC."""
+    largest set: its stages already give every smaller accumulated IPC. Each is one phase."""
     student, proto = ev.students[0], ev.protocols[0]
     methods = None if ev.args.analysis_methods == "all" else \
         comma_list(ev.args.analysis_methods, None, "--analysis-methods")
@@ -435,19 +504,24 @@ def increment_analyses(ev: Evaluation) -> tuple:
     chosen = [s for s in ev.sets if len(s["stages"]) > 1 and s["ipc"] == top[s["method"]]
               and (methods is None or s["method"] in methods)]
     stages, red = {}, {}
-    for s in chosen:
-        if "stages" in ev.analyses:
-            points = []
-            for i in range(1, len(s["stages"]) + 1):
-                ipc_i = sum(s["stage_ipcs"][:i])
-                r = ev.row("stage", s["name"], s["method"], ipc_i,
-                           [common.Split.cat(s["stages"][:i])] * len(ev.analysis_seeds), student,
-                           proto, ev.epochs(ipc_i), ev.analysis_seeds)
-                points.append({"stage": i, **r})
-            stages[s["name"]] = {"student": student, "protocol": proto,
-                                 "seeds": ev.analysis_seeds, "points": points}
-        if "redundancy" in ev.analyses:
-            red[s["name"]] = redundancy(ev, s, student, proto)
+    if "stages" in ev.analyses:
+        with ev.timed(timings, "stages"):
+            for s in chosen:
+                points = []
+                for i in range(1, len(s["stages"]) + 1):
+                    ipc_i = sum(s["stage_ipcs"][:i])
+                    # stage 1 = redundancy's T1 student: the same targets make it one run
+                    r = ev.row("stage", s["name"], s["method"], ipc_i,
+                               [common.Split.cat(s["stages"][:i])] * len(ev.analysis_seeds),
+                               student, proto, ev.epochs(ipc_i), ev.analysis_seeds,
+                               increment_targets(s) if i == 1 else None)
+                    points.append({"stage": i, **r})
+                stages[s["name"]] = {"student": student, "protocol": proto,
+                                     "seeds": ev.analysis_seeds, "points": points}
+    if "redundancy" in ev.analyses:
+        with ev.timed(timings, "redundancy"):
+            for s in chosen:
+                red[s["name"]] = redundancy(ev, s, student, proto)
     # the relative reduction against the reference method's set of the same shape and IPC
     by_name = {s["name"]: s for s in ev.sets}
     for name, rd in red.items():
@@ -512,6 +586,8 @@ def write_markdown(path: Path, res: dict, sets: list):
             dd = res["ddranking"].get(name) if kind == "set" else None
             dd_cells = [f"{dd[k]:+.4f}" if k != "lrs" else f"{dd[k]:.4f}"
                         for k in ("hlr", "ior", "lrs")] + [dd["own_protocol"]] if dd else [""] * 4
+            if any(r and r.get("same_as") for r in found):  # 02's random set = draw 0
+                name += " (= the random baseline above; the set is its draw 0)"
             lines.append(f"| {name} | {method} | " + " | ".join([fmt(r) for r in found] + dd_cells)
                          + " |")
         lines.append("")
@@ -617,18 +693,36 @@ def write_csv(path: Path, rows: list):
 def main():
     args = parse_args()
     device, ctx = common.setup_device(args.device, args.amp)
-    t_start = time.time()
+    t_start, load_start = time.time(), common.load_average()
     ev = Evaluation(args, device, ctx)  # every input checked before anything is written
     r = common.ranks()
     if not ev.sets and r.main:
         print(f"no distilled sets under {ev.run}/distilled yet: evaluating the baselines only")
-    r.on_main(ev.start)  # rank 0 holds the folder's lock and writes its config.json
+    # rank 0 holds the folder's lock, writes its config.json and draws the random subsets;
+    # every rank gets the draws and which sets are the baseline's draw 0
+    shared = r.on_main(lambda: ev.start() or (ev.draws, [s["baseline_draw"] for s in ev.sets]))
+    ev.draws = shared[0]
+    for s, same in zip(ev.sets, shared[1]):
+        s["baseline_draw"] = same
+    timings = common.Timings(ev.run)
+    if r.main:
+        timings.add(f"03/{args.name}/inputs", time.time() - t_start, load_start)
     if r.world > 1:  # torchrun: the students spread over the ranks, rank 0 writes the results
+        t0, load0 = time.time(), common.load_average()
         train_shares(ev)
         if not r.main:
             return
-    rows = accuracy_rows(ev)
-    stages, red = increment_analyses(ev)
+        # the steps below find these students in the cache: their time is this phase's
+        timings.add(f"03/{args.name}/students on {r.world} ranks", time.time() - t0, load0,
+                    students_trained=len(ev.fresh))
+    with ev.timed(timings, "baselines"):
+        rows = baseline_rows(ev)
+    with ev.timed(timings, "sets"):
+        rows += set_rows(ev, rows)
+    stages, red = increment_analyses(ev, timings)
+    with timings.phase(f"03/{args.name}/diversity") if "diversity" in ev.analyses \
+            else nullcontext():
+        div = diversity(ev)
     info, metrics = ev.info, ev.run / "teacher" / "metrics.json"
     res = {"name": args.name, "dataset": info.name, "students": ev.students,
            "protocols": ev.protocols, "protocols_used": ev.used,
@@ -638,9 +732,9 @@ def main():
            "selection": "none: fixed epochs and learning rate, final-epoch accuracy on the test "
                         "split",
            "rows": rows, "ddranking": ddranking_scores(ev, rows), "stages": stages,
-           "redundancy": red, "diversity": diversity(ev),
-           "sets": [{k: s[k] for k in ("name", "folder", "method", "ipc", "stage_ipcs", "own")}
-                    for s in ev.sets],
+           "redundancy": red, "diversity": div,
+           "sets": [{k: s[k] for k in ("name", "folder", "method", "ipc", "stage_ipcs", "own",
+                                       "baseline_draw")} for s in ev.sets],
            "teacher_test_acc": common.read_json(metrics)["test_acc"] if metrics.exists() else None,
            "versions": common.versions(), "git_commit": common.git_commit(),
            "device": str(device), "students_trained": ev.trained,
@@ -649,6 +743,7 @@ def main():
     write_markdown(ev.out / "results.md", res, ev.sets)
     write_plots(ev.out, res)
     common.write_json(ev.out / "results.json", res)  # last: the evaluation is finished
+    timings.report("03")
     print(f"03 done in {time.time() - t_start:.0f} s: {ev.trained} students trained, "
           f"{ev.reused} reused; results in {ev.out}")
 

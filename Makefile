@@ -7,7 +7,8 @@ ARGS    ?=
 # default adds per-stage accuracy and acs): ~40 fewer minutes on 2 CPU cores. EVAL_ARGS= restores 03's defaults.
 EVAL_ARGS ?= --soft-methods none --analyses redundancy,diversity --analysis-methods dit,lgd
 
-.PHONY: setup demo teacher distill evaluate bench bench-eval bench-delt test notebooks clean
+.PHONY: setup demo teacher distill evaluate timings bench bench-speed bench-eval bench-delt test \
+	notebooks clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 .venv/done: requirements.txt
@@ -32,12 +33,23 @@ distill: teacher
 evaluate: distill
 	$(PY) 03_evaluate.py --run $(RUN) $(EVAL_ARGS)
 
-# the main job: every script in order on the embedded MNIST digits
+# the main job: every script in order on the embedded MNIST digits, then where its time went
 demo: teacher distill evaluate
+	@$(MAKE) --no-print-directory timings RUN=$(RUN)
 
-# timings and method checks of 02 measured in one run (fresh sets under runs/bench02)
-bench: setup
+# the wall time of every phase the scripts recorded in $(RUN)/timings.json, with the total
+# (no setup prerequisite: it only reads a file, and must not rebuild the environment)
+timings:
+	@$(PY) -c "import common; common.print_timings('$(RUN)')"
+
+# sampling and student training against the reference loops and this machine's peak (~3 min,
+# random models if $(RUN) is unfinished), then 02's timings and method checks measured in one
+# run (fresh sets under runs/bench02, ~30 min)
+bench: bench-speed
 	$(PY) benchmarks/bench_02.py --run $(RUN)
+
+bench-speed: setup
+	$(PY) benchmarks/bench_speed.py --run $(RUN)
 
 # wall time of one method at IPC 50, 3 convnet-3 seeds, hard labels (copies $(RUN)'s teacher to a temp folder)
 bench-eval: setup

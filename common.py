@@ -5,7 +5,8 @@ Sections, each using only those above it:
   1 flags, errors and seeding      2 device, precision, ranks   3 atomic I/O
   4 data                           5 batched augmentations      6 models
   7 the training loop              8 run folders (the handoff contract between 01, 02 and 03)
-  9 folder locks (one writer per output folder)
+  9 timings of the pipeline's phases (<run>/timings.json)
+  10 folder locks (one writer per output folder)
 Conventions: an image tensor handed between functions is float in [0, 1], shape (B, C, H, W);
 datasets are kept as uint8 tensors; classifiers normalise their input themselves.
 The methods and their defaults are specified in docs/methods.md (cited as §N).
@@ -25,10 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -54,14 +56,24 @@ def cli(main):
         sys.exit(2)
 
 
+AMP_CHOICES = ["auto", "on", "off"]
+# what the boolean --amp of earlier versions meant, for comparing an existing folder's settings
+AMP_LEGACY = {True: "auto", False: "off"}
+
+
 def add_common_args(p: argparse.ArgumentParser, run_help: str, run_default="runs/mnist5k"):
     """The flags all three scripts spell the same way."""
     p.add_argument("--run", type=Path, default=run_default, help=run_help)
     p.add_argument("--seed", type=int, default=0,
                    help="one seed for everything, sampling noise included")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (ignored on CPU)")
+    p.add_argument("--amp", nargs="?", const="auto", default="auto", choices=AMP_CHOICES,
+                   help="bf16 autocast: 'auto' = on CUDA, and on a CPU only where it computes "
+                        "bf16 natively (AVX512-BF16, AMX, Arm BF16; elsewhere bf16 is emulated "
+                        "and far slower); 'on'; 'off'. The resolved value goes to config.json")
+    # the flag was boolean before: --no-amp still means off
+    p.add_argument("--no-amp", dest="amp", action="store_const", const="off",
+                   help=argparse.SUPPRESS)
     p.add_argument("--scale", default="auto", choices=["auto", "paper", "small"],
                    help="which column of defaults to use: 'small' for the embedded mnist5k "
                         "on a CPU, 'paper' for the papers' settings; auto picks by dataset")
@@ -218,9 +230,58 @@ def init_ranks(device_type: str) -> Ranks:
     return r
 
 
-def setup_device(name: str, amp: bool):
-    """(device, ctx): ctx is bf16 autocast on CUDA and a no-op context on the CPU. Under
-    torchrun the process joins its job's process group and takes GPU LOCAL_RANK."""
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpuinfo_flags() -> set:
+    """The CPU feature flags of /proc/cpuinfo (x86 'flags', Arm 'Features'); empty elsewhere."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return set()
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU multiply bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, Arm BF16)?
+
+    Without it oneDNN emulates bf16 through fp32 conversions: on an AVX2-only CPU a bf16
+    matmul ran ~400x slower than fp32, so autocast would only cost time. (mkldnn's own
+    bf16 check also accepts plain AVX-512, which converts but does not multiply in bf16.)
+    torch's cpuinfo capabilities first; /proc/cpuinfo where torch predates them.
+    """
+    native = {"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"}
+    try:
+        caps = dict(torch.cpu.get_capabilities())
+    except (AttributeError, RuntimeError):
+        return bool(native & _cpuinfo_flags())
+    return any(bool(caps.get(k)) for k in native)
+
+
+def resolve_amp(flag: str | bool, device: torch.device) -> bool:
+    """--amp auto|on|off (or the boolean of earlier versions) -> use bf16 autocast or not."""
+    flag = AMP_LEGACY.get(flag, flag) if isinstance(flag, bool) else flag
+    if flag not in AMP_CHOICES:
+        raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {flag!r}")
+    if flag != "auto":
+        return flag == "on"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def amp_of(ctx) -> str:
+    """What a setup_device context does, for config.json: 'bf16' (autocast) or 'off'."""
+    return "bf16" if isinstance(ctx, torch.autocast) else "off"
+
+
+def setup_device(name: str, amp: str | bool = "auto"):
+    """(device, ctx): ctx is bf16 autocast where --amp resolves to on (resolve_amp), else a
+    no-op context. Under torchrun the process joins its job's process group and takes GPU
+    LOCAL_RANK."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,9 +293,12 @@ def setup_device(name: str, amp: bool):
         # TF32 matmuls: about the accuracy of these models, several times the fp32 throughput
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # bf16 needs no GradScaler (fp16 would); on the CPU autocast is left off
-    use_amp = device.type == "cuda" and amp
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+    # bf16 needs no GradScaler (fp16 would)
+    use_amp = resolve_amp(amp, device)
+    if use_amp and device.type == "cpu" and not cpu_has_native_bf16():
+        print("warning: --amp on: this CPU has no native bf16, autocast will be slow",
+              file=sys.stderr)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
     return device, ctx
 
 
@@ -1033,6 +1097,8 @@ def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str, ignore=
         shutil.rmtree(folder)
     if cfg.exists():
         old = read_json(cfg).get("args", {})
+        if isinstance(old.get("amp"), bool):  # a folder made when --amp was boolean
+            old["amp"] = AMP_LEGACY[old["amp"]]
         diff = sorted(k for k in set(old) | set(args)
                       if old.get(k) != args.get(k) and k not in ignore)
         if diff:
@@ -1042,13 +1108,15 @@ def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str, ignore=
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def write_config(folder: Path, args: dict, derived: dict, device: torch.device):
-    """config.json: arguments, derived values, versions, git commit and device."""
+def write_config(folder: Path, args: dict, derived: dict, device: torch.device,
+                 ctx=nullcontext()):
+    """config.json: arguments, derived values, versions, git commit, device and the precision
+    the device context resolved to (amp: 'bf16' or 'off')."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     write_json(Path(folder) / "config.json", {
         "args": jsonable(args), "derived": jsonable(derived), "versions": versions(),
         "git_commit": git_commit(), "device": str(device), "device_name": name,
-        "threads": torch.get_num_threads()})
+        "threads": torch.get_num_threads(), "amp": amp_of(ctx)})
 
 
 def read_run_info(run: Path) -> DatasetInfo:
@@ -1116,7 +1184,108 @@ def read_stages(folder: Path, info: DatasetInfo) -> list:
 
 
 # ==========================================================================================
-# 9. Folder locks: one writer per output folder
+# 9. Timings: where the pipeline's wall time goes, phase by phase, in <run>/timings.json
+# ==========================================================================================
+
+TIMINGS = "timings.json"
+
+
+def load_average() -> float:
+    """The 1-minute load average: a phase timed while other jobs ran (load above the cores)
+    is slower than the same phase alone on this shared machine."""
+    return round(os.getloadavg()[0], 2)
+
+
+def record_timing(run: Path, phase: str, seconds: float, load_start: float, load_end: float,
+                  **extra):
+    """Add or replace one phase of <run>/timings.json, e.g. "01/teacher" or "03/default/sets".
+
+    Read-modify-write under an exclusive lock, so two scripts finishing together both land;
+    the file itself is replaced atomically, so a reader never sees half of it.
+    """
+    import fcntl  # POSIX only, like os.getloadavg
+    path = Path(run) / TIMINGS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{TIMINGS}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            phases = read_json(path) if path.exists() else {}
+        except (OSError, ValueError):  # an unreadable file must not end a finished job
+            print(f"warning: {path} was unreadable and starts over", file=sys.stderr)
+            phases = {}
+        phases[phase] = {"seconds": round(seconds, 1), "load_start": load_start,
+                         "load_end": load_end, "threads": torch.get_num_threads(),
+                         "cpus": os.cpu_count(),
+                         "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+        write_json(path, phases)
+
+
+class Timings:
+    """The phases one script call times: each recorded in <run>/timings.json as it ends, and
+    printed together by report() at the end of the script.
+
+    A phase that finds its work already done (a finished teacher, stages with manifests,
+    cached students) is marked skipped and leaves the entry of the call that did the work, so
+    the table keeps what the work cost. A phase that raises is not recorded.
+    """
+
+    def __init__(self, run: Path):
+        self.run, self.rows = Path(run), []  # rows: (phase, seconds, note)
+
+    def add(self, phase: str, seconds: float, load_start: float, skipped: bool | str = False,
+            **extra):
+        """Record one phase; skipped (True or the reason to print) records nothing."""
+        if skipped:
+            self.rows.append((phase, seconds, skipped if isinstance(skipped, str) else
+                              "skipped: finished by an earlier call"))
+            return
+        load_end = load_average()
+        record_timing(self.run, phase, seconds, load_start, load_end, **extra)
+        self.rows.append((phase, seconds, f"load {load_start:.2f} -> {load_end:.2f}"))
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time the body as phase `name`; it may set .skipped or add to .extra."""
+        ph, t0, load0 = SimpleNamespace(skipped=False, extra={}), time.time(), load_average()
+        yield ph
+        self.add(name, time.time() - t0, load0, ph.skipped, **ph.extra)
+
+    def report(self, title: str):
+        """The closing block of a script: every phase of this call, its seconds, the total."""
+        print(f"{title} timings (seconds; also in {self.run / TIMINGS}):")
+        for phase, seconds, note in self.rows:
+            print(f"  {phase:32s} {seconds:9.1f}   {note}")
+        print(f"  {'total':32s} {sum(r[1] for r in self.rows):9.1f}")
+
+
+def timings_table(run: Path) -> str:
+    """<run>/timings.json as a table in pipeline order (01, 02, 03), with the total."""
+    path = Path(run) / TIMINGS
+    if not path.exists():
+        raise UserError(f"{path} does not exist; run the pipeline first (make demo)")
+    phases = read_json(path)
+    order = sorted(phases, key=lambda k: k.split("/")[0])  # stable: 02's sets in run order
+    lines = [f"timings of {run} ({path.name}; load = 1-minute load average at start -> end of "
+             f"the phase, on {os.cpu_count()} CPUs; imports and start-up are not included)",
+             "| phase | minutes | seconds | load start -> end | threads | finished |",
+             "|---|---:|---:|---|---:|---|"]
+    for k in order:
+        e = phases[k]
+        lines.append(f"| {k} | {e['seconds'] / 60:.1f} | {e['seconds']:.0f} | "
+                     f"{e['load_start']:.2f} -> {e['load_end']:.2f} | {e.get('threads', '')} | "
+                     f"{e.get('finished', '')} |")
+    total = sum(e["seconds"] for e in phases.values())
+    lines.append(f"| **total** | **{total / 60:.1f}** | **{total:.0f}** | | | |")
+    return "\n".join(lines)
+
+
+def print_timings(run: Path = Path("runs/mnist5k")):
+    """`make timings`: the table of <run>/timings.json (a bad run is one `error:` line)."""
+    cli(lambda: print(timings_table(run)))
+
+
+# ==========================================================================================
+# 10. Folder locks: one writer per output folder
 # ==========================================================================================
 
 _LOCKS = {}  # lock file -> open descriptor: a lock lives as long as its descriptor

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
-import guidance as G  # noqa: E402
+import dit as G  # noqa: E402  (the sampler moved from guidance.py to dit.py)
 
 
 def load():

@@ -378,7 +378,7 @@ def main():
     if a.estimate_only:
         common.write_json(a.out, result)
         return
-    device, _ = common.setup_device(a.device, True)
+    device, _ = common.setup_device(a.device, "auto")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     batch = a.batch or (6 if a.tiny else 30)
     batch_nc = a.batch_no_ckpt or (6 if a.tiny else 15)

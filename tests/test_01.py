@@ -22,18 +22,27 @@ def test_handoff_files_exist_and_load(tiny_run):
     assert abs(common.accuracy(teacher, test) - m["test_acc"]) < 1e-6
     cfg = json.loads((run / "teacher" / "config.json").read_text())
     assert {"args", "versions", "git_commit", "device"} <= set(cfg)
+    assert cfg["amp"] == ("bf16" if common.cpu_has_native_bf16() else "off")  # --amp auto, resolved
     prior = dit.load_prior(run / "dit", info, "cpu")
     assert prior.transformer.config.num_layers == 1
     dm = json.loads((run / "dit" / "metrics.json").read_text())
     assert dm["samples_per_class"] == 2 and len(dm["sample_acc_per_class"]) == 10
     assert (run / "dit" / "samples.png").stat().st_size > 0
     assert not (run / "dit" / "train_state.pt").exists() and not (run / "teacher" / "train_state.pt").exists()
+    timings = json.loads((run / "timings.json").read_text())  # where the time went, per phase
+    assert list(timings) == ["01/teacher", "01/prior", "01/sample check"]
+    assert all(t["seconds"] >= 0 and "load_start" in t and "load_end" in t for t in timings.values())
 
 
 def test_rerun_skips_finished_work_and_rejects_other_settings(tiny_run):
     run, _ = tiny_run
     p = run_script("01_train_teacher.py", "--run", run, *TINY_01)
     assert "teacher: done earlier" in p.stdout and "dit: done earlier" in p.stdout
+    # the closing block says the phases were skipped; timings.json keeps what the work cost
+    before = json.loads((run / "timings.json").read_text())
+    assert "01/teacher" in p.stdout and "skipped: finished by an earlier call" in p.stdout
+    p = run_script("01_train_teacher.py", "--run", run, *TINY_01)
+    assert json.loads((run / "timings.json").read_text()) == before
     assert_user_error(run_script("01_train_teacher.py", "--run", run, *TINY_01, "--lr", "0.5", check=False),
                       "other settings", "--overwrite")
 

@@ -143,9 +143,15 @@ def test_end_to_end_writes_all_outputs(run, data):
     assert len(res["diversity"]["dit-ipc4"]["per_class"]) == 10
     md = (out / "results.md").read_text()
     assert "full data" in md and "random (IPC 4)" in md and "| dit-ipc4 |" in md
+    timings = json.loads((run / "timings.json").read_text())  # where 03's time went
+    assert [k for k in timings] == [f"03/default/{s}" for s in ("inputs", "baselines", "sets", "stages",
+                                                                "redundancy", "diversity")]
+    assert timings["03/default/sets"]["students_trained"] == 8 and "03 timings" in p.stdout
     # a rerun of the same command reuses every cached student and reproduces the numbers
     p2 = run_script("03_evaluate.py", "--run", run, *TINY)
     assert " 0 students trained" in p2.stdout, p2.stdout[-500:]
+    assert "skipped: no student trained" in p2.stdout  # timings.json keeps the first call's
+    assert json.loads((run / "timings.json").read_text())["03/default/sets"] == timings["03/default/sets"]
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
     assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, "--seeds", "3", check=False), "--overwrite")
     # the run is read from the sets' config.json when --run is not given
@@ -212,3 +218,59 @@ def test_every_random_draw_names_its_generators_device(data, monkeypatch):
     common.fit(common.build_model("convnet-1", info), sub, info,
                common.Protocol("hard", augment="translate", cutmix_p=0), epochs=1, seed=0,
                progress=False)
+
+
+def _trained(p) -> tuple:
+    """(students trained, reused) from 03's closing line."""
+    import re
+    m = re.search(r"(\d+) students trained, (\d+) reused", p.stdout)
+    assert m, p.stdout[-500:]
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_stage_one_and_redundancy_t1_are_one_student(run, data):
+    """Per-stage accuracy's stage-1 student and redundancy's T1 student (same set, seed,
+    epochs) are one training run; the last stage is the set's own row."""
+    info, train, _ = data
+    write_set(run / "distilled" / "lgd-ipc4", train, info, "lgd", [2, 2], seed=2)
+    args = ["--run", run, *TINY, "--seeds", "1", "--baselines", "none"]
+    # set row (union), stage 1 (= T1), T2; stage 2 = the set's row, T1 = stage 1: reused
+    p = run_script("03_evaluate.py", *args, "--analyses", "stages,redundancy")
+    assert _trained(p) == (3, 2)
+    res = json.loads((run / "eval" / "default" / "results.json").read_text())
+    assert [p["ipc"] for p in res["stages"]["lgd-ipc4"]["points"]] == [2, 4]
+    assert len(res["redundancy"]["lgd-ipc4"]["matrix"]) == 2
+    # the analyses in another evaluation, redundancy first: everything comes from the cache
+    p = run_script("03_evaluate.py", *args, "--analyses", "redundancy,stages", "--name", "again")
+    assert _trained(p) == (0, 5)
+    again = json.loads((run / "eval" / "again" / "results.json").read_text())
+    assert again["stages"] == res["stages"] and again["redundancy"] == res["redundancy"]
+    timings = json.loads((run / "timings.json").read_text())
+    assert {"03/default/sets", "03/default/stages", "03/default/redundancy"} <= set(timings)
+    assert timings["03/default/stages"]["students_trained"] == 1  # stage 1; stage 2 cached
+    assert "03/again/stages" not in timings  # trained nothing: the entry of the work is kept
+    assert "skipped: no student trained" in p.stdout
+
+
+def test_random_set_of_02_is_the_baseline_draw(run, data):
+    """02's random set is the random baseline's draw 0 (same class_permutations blocks): 03
+    reports it with the baseline's row and trains no student for it."""
+    run_script("02_distill_stages.py", "--run", run, "--method", "random", "--ipc", "4",
+               "--stages", "2")
+    p = run_script("03_evaluate.py", "--run", run, *TINY)
+    assert "random-ipc4: the images of the random baseline's draw 0" in p.stdout
+    assert _trained(p) == (4, 0)  # full and random baselines, 2 seeds each; nothing for the set
+    res = json.loads((run / "eval" / "default" / "results.json").read_text())
+    base = [r for r in res["rows"] if r["kind"] == "random"][0]
+    row = [r for r in res["rows"] if r["set"] == "random-ipc4"][0]
+    assert row["accs"] == base["accs"] and row["same_as"] and row["kind"] == "set"
+    assert res["ddranking"]["random-ipc4"]["ior"] == 0.0
+    assert "the set is its draw 0" in (run / "eval" / "default" / "results.md").read_text()
+    # without the random baseline the set is evaluated as any other set
+    p = run_script("03_evaluate.py", "--run", run, *TINY, "--baselines", "full", "--name", "own")
+    assert "draw 0" not in p.stdout and _trained(p) == (2, 2)
+    # another seed of 02 is another subset: trained as a set
+    run_script("02_distill_stages.py", "--run", run, "--method", "random", "--ipc", "6",
+               "--stages", "2", "--seed", "1")
+    p = run_script("03_evaluate.py", "--run", run, *TINY, "--name", "seed1")
+    assert "random-ipc6: the images" not in p.stdout

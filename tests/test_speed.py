@@ -1,0 +1,115 @@
+"""Timings, precision and the speed benchmark: <run>/timings.json phase by phase, what --amp
+resolves to, and benchmarks/bench_speed.py at tiny settings (so that it cannot rot)."""
+import argparse
+import json
+import re
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+
+def test_timings_replace_phases_keep_skipped_ones_and_sum(tmp_path, capsys):
+    t = common.Timings(tmp_path)
+    with t.phase("01/teacher") as ph:
+        ph.extra = {"epochs": 1}
+    common.record_timing(tmp_path, "02/dit-ipc10", 30.0, 1.0, 2.0)
+    common.record_timing(tmp_path, "02/dit-ipc10", 60.0, 1.5, 1.5)  # a rerun replaces it
+    t.add("02/lgd-ipc10", 5.0, 1.0, skipped=True)  # found finished: nothing recorded
+    with pytest.raises(RuntimeError):
+        with t.phase("03/default/sets"):
+            raise RuntimeError("a phase that fails is not recorded")
+    d = json.loads((tmp_path / "timings.json").read_text())
+    assert list(d) == ["01/teacher", "02/dit-ipc10"] and d["01/teacher"]["epochs"] == 1
+    assert d["02/dit-ipc10"]["seconds"] == 60.0 and d["02/dit-ipc10"]["load_start"] == 1.5
+    table = common.timings_table(tmp_path)
+    assert "| 02/dit-ipc10 | 1.0 | 60 | 1.50 -> 1.50 |" in table
+    assert f"**{d['01/teacher']['seconds'] + 60:.0f}**" in table.splitlines()[-1]
+    t.report("test")
+    out = capsys.readouterr().out
+    assert "02/lgd-ipc10" in out and "skipped: finished by an earlier call" in out
+    (tmp_path / "timings.json").write_text("{half")  # unreadable: starts over, job not lost
+    common.record_timing(tmp_path, "01/prior", 1.0, 0.5, 0.5)
+    assert list(json.loads((tmp_path / "timings.json").read_text())) == ["01/prior"]
+    with pytest.raises(common.UserError, match="does not exist"):
+        common.timings_table(tmp_path / "none")
+
+
+@pytest.mark.parametrize("caps,expected", [
+    ({"avx2": True, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, False),
+    ({"avx2": True, "avx512_bf16": True}, True),  # Cooper Lake, Zen 4
+    ({"amx_bf16": True, "amx_tile": True}, True),  # Sapphire Rapids
+    ({"architecture": "arm64", "neon": True, "bf16": True}, True),  # Graviton 3, Apple M2
+    ({"architecture": "arm64", "neon": True}, False),
+])
+def test_native_bf16_from_torch_capabilities(monkeypatch, caps, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert common.cpu_has_native_bf16() is expected
+    device = torch.device("cpu")
+    assert common.resolve_amp("auto", device) is expected  # auto: on only where it is native
+    assert common.resolve_amp("on", device) and not common.resolve_amp("off", device)
+    _, ctx = common.setup_device("cpu", "auto")
+    assert common.amp_of(ctx) == ("bf16" if expected else "off")
+
+
+@pytest.mark.parametrize("flags,expected", [("fpu sse2 avx2 fma", False),
+                                            ("fpu avx2 avx512f avx512bw", False),
+                                            ("fpu avx512f avx512_bf16", True),
+                                            ("fpu amx_tile amx_bf16", True)])
+def test_native_bf16_from_proc_cpuinfo_when_torch_has_no_capabilities(monkeypatch, tmp_path, flags,
+                                                                       expected):
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # a torch from before the API
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(common, "CPUINFO", info)
+    assert common.cpu_has_native_bf16() is expected
+
+
+def test_amp_flag_and_cuda_default(monkeypatch):
+    p = argparse.ArgumentParser()
+    common.add_common_args(p, run_help="")
+    assert p.parse_args([]).amp == "auto" and p.parse_args(["--amp", "off"]).amp == "off"
+    assert p.parse_args(["--amp"]).amp == "auto"  # the boolean flag's spellings still work
+    assert p.parse_args(["--no-amp"]).amp == "off"
+    assert common.resolve_amp("auto", torch.device("cuda"))  # bf16 autocast on every GPU
+    assert common.resolve_amp(True, torch.device("cuda")) and not common.resolve_amp(False, torch.device("cuda"))
+    with pytest.raises(common.UserError, match="--amp must be one of"):
+        common.resolve_amp("fp8", torch.device("cpu"))
+    assert common.amp_of(nullcontext()) == "off"
+    assert common.amp_of(torch.autocast("cpu", dtype=torch.bfloat16)) == "bf16"
+
+
+def test_this_machine_resolves_auto_as_its_cpu_allows(tmp_path):
+    """On an AVX2-only CPU auto is off: the numbers of the embedded run do not move."""
+    device, ctx = common.setup_device("cpu", "auto")
+    assert common.amp_of(ctx) == ("bf16" if common.cpu_has_native_bf16() else "off")
+    common.write_config(tmp_path, {"amp": "auto"}, {}, device, ctx)
+    assert json.loads((tmp_path / "config.json").read_text())["amp"] == common.amp_of(ctx)
+
+
+def test_folders_made_with_the_boolean_amp_still_resume(tmp_path):
+    common.prepare_folder(tmp_path / "job", {"amp": True, "lr": 0.1}, False, "job")
+    common.write_config(tmp_path / "job", {"amp": True, "lr": 0.1}, {}, torch.device("cpu"))
+    common.prepare_folder(tmp_path / "job", {"amp": "auto", "lr": 0.1}, False, "job")
+    with pytest.raises(common.UserError, match=r"other settings \(amp\)"):
+        common.prepare_folder(tmp_path / "job", {"amp": "on", "lr": 0.1}, False, "job")
+
+
+def test_speed_benchmark_runs_and_its_reference_loop_is_faithful(tmp_path):
+    """The benchmark on random models at tiny settings: every section prints, and the reference
+    one-image loop makes the same image as dit.sample at batch 1 from the same seed."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_speed.py"), "--run",
+                        str(tmp_path / "none"), "--images", "4", "--ref-images", "2", "--steps", "4",
+                        "--ipc", "2", "--epochs", "1", "--train-batch", "8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    diffs = [float(d) for d in re.findall(r"max \|difference\| (\S+)", p.stdout)]
+    assert len(diffs) == 2 and max(diffs) < 1e-5, p.stdout  # plain and guided
+    for line in ("command: ", "matmul 2048^2", "plain  ratio", "guided ratio", "% of peak",
+                 "ratio ours / the faster reference", "random initialisation"):
+        assert line in p.stdout, (line, p.stdout[-2000:])
