@@ -245,6 +245,10 @@ class Job:
         # batched kernels may round differently in the last bit)
         group = max(1, self.sample_batch // candidates)
         groups = [list(range(g, min(g + group, C))) for g in range(0, C, group)]
+        if len(groups) < r.world and r.main and k not in self.owned:
+            tqdm.write(f"warning: {len(groups)} class group(s) of {group} for {r.world} ranks: "
+                       f"{r.world - len(groups)} rank(s) idle in stage {k + 1}; --sample-batch "
+                       f"{candidates * math.ceil(C / r.world)} or less gives every rank classes")
         mine = groups[r.rank::r.world]  # a class's rounds all stay on one rank: its memory
         self.owned[k] = [c for g in mine for c in g]
         slot_batches = [[j * C + c for c in g] for j in range(n) for g in mine]
