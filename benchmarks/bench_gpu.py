@@ -409,7 +409,7 @@ def main():
         print(f"  {label:42s} batch {b:3d}: " + ("out of memory" if r.get("oom") else
               f"{r['step_s'] * 1e3:8.2f} ms/sample/step, {r['flop_s'] / 1e12:7.2f} TFLOP/s, "
               f"peak {gb(r['peak_bytes_per_sample'])}/sample"))
-    peak = matmul_peak(device, 512 if a.tiny else 8192)
+    peak = matmul_peak(device, 128 if a.tiny else 8192)
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
     rate = fcur_throughput(a.tiny, device, torch.autocast(device.type, dtype=torch.bfloat16)
                            if device.type == "cuda" else nullcontext())
