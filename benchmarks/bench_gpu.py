@@ -44,7 +44,9 @@ STEPS, WINDOW = 50, (10, 45)  # LGD: 36 of the 50 steps are guided
 GUIDED_STEPS = WINDOW[1] - WINDOW[0] + 1
 GPU_MEMORY = 80e9  # one H100
 # dense bf16 tensor-core peaks from the vendors' datasheets (sparsity doubles them; not used)
-DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# (the first name the device's name contains: the PCIe and NVL H100s are slower than the SXM)
+DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                  "A100": 312e12}
 # the papers' settings the projections use (docs/methods.md §3): f_cur trains 300 epochs from
 # scratch on all earlier stages; stage 1 is plain sampling (or an IGD set)
 PROJECTIONS = {"ImageNette IPC 100 LGD": {"classes": 10, "stages": 10, "per_stage": 10},
@@ -267,6 +269,37 @@ def measure(prior, terms, cfg: dict, step_pair, device) -> dict:
     return out
 
 
+def dit_fwd_bwd(prior, batch: int, ctx, device, reps: int) -> dict:
+    """The DiT alone, as a guided step runs it without checkpointing: forward of 2 x batch rows
+    (conditional and null) under ctx and backward to x; FLOPs counted by FlopCounterMode on one
+    call, then timed over `reps` calls. The issue's '% of bf16 peak in the DiT forward/backward'."""
+    c, s, _ = prior.latent_shape
+    prior.set_checkpointing(False)
+    x = torch.randn(2 * batch, c, s, s, device=device, requires_grad=True)
+    t = torch.full((2 * batch,), 500, device=device)
+    y = torch.arange(2 * batch, device=device) % prior.num_labels
+
+    def once():
+        with ctx:
+            out = prior.transformer(x, t, y).sample
+        torch.autograd.grad(out.float().sum(), x)
+    try:
+        once()  # warm-up
+        with FlopCounterMode(display=False) as fc:
+            once()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            once()
+        sync(device)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"batch": batch, "oom": True}
+    seconds = (time.perf_counter() - t0) / reps
+    return {"batch": batch, "seconds": seconds, "flops": fc.get_total_flops(),
+            "flop_s": fc.get_total_flops() / seconds}
+
+
 def matmul_peak(device, n: int) -> float:
     """FLOP/s of a large bf16 matmul on this device: the achievable peak."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -411,6 +444,11 @@ def main():
               f"peak {gb(r['peak_bytes_per_sample'])}/sample"))
     peak = matmul_peak(device, 128 if a.tiny else 8192)
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
+    dit_alone = dit_fwd_bwd(prior, batch, torch.autocast(device.type, dtype=torch.bfloat16),
+                            device, 2 if a.tiny else 10)
+    print(f"  {'DiT alone: forward + backward to x, bf16':42s} batch {batch:3d}: "
+          + ("out of memory" if dit_alone.get("oom") else
+             f"{dit_alone['seconds'] * 1e3:8.2f} ms, {dit_alone['flop_s'] / 1e12:7.2f} TFLOP/s"))
     rate = fcur_throughput(a.tiny, device, torch.autocast(device.type, dtype=torch.bfloat16)
                            if device.type == "cuda" else nullcontext())
     plain = runs["plain bf16"]
@@ -434,6 +472,8 @@ def main():
         "LGD sample: reference loop / batched bf16 ckpt": ratio(ref_cost, costs[batch]),
         "achieved / measured bf16 matmul (guided bf16 ckpt)": ratio(g.get("flop_s"), peak),
         "achieved / datasheet bf16 (guided bf16 ckpt)": ratio(g.get("flop_s"), sheet),
+        "DiT forward+backward bf16 / measured bf16 matmul": ratio(dit_alone.get("flop_s"), peak),
+        "DiT forward+backward bf16 / datasheet bf16": ratio(dit_alone.get("flop_s"), sheet),
     }
     print(f"bf16 matmul {peak / 1e12:.1f} TFLOP/s measured; datasheet dense bf16 "
           + (f"{sheet / 1e12:.0f} TFLOP/s" if sheet else "unknown for this device"))
@@ -456,7 +496,8 @@ def main():
                 print(f"  {task:24s} {gpus} GPU{'s' if gpus > 1 else ' '}: "
                       f"{hours(pr['total_s'])} (sampling {hours(pr['sampling_s'])} at "
                       f"--sample-batch {pr['sample_batch']}, f_cur {hours(pr['f_cur_s'])})")
-    result.update(device=name, runs=runs, matmul_bf16_flop_s=peak, datasheet_bf16_flop_s=sheet,
+    result.update(device=name, runs=runs, dit_fwd_bwd=dit_alone, matmul_bf16_flop_s=peak,
+                  datasheet_bf16_flop_s=sheet,
                   f_cur_images_per_s=rate, lgd_seconds_per_sample={str(k): v for k, v in
                                                                    costs.items()},
                   reference_seconds_per_sample=ref_cost, ratios=ratios,

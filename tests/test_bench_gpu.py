@@ -29,5 +29,6 @@ def test_tiny_gpu_benchmark_runs_on_the_cpu(tmp_path):
         ("ImageNet-1K IPC 50 LGD", 1), ("ImageNet-1K IPC 50 LGD", 8)]
     assert all(x["total_s"] > x["f_cur_s"] > 0 for x in res["projections"])
     assert res["matmul_bf16_flop_s"] > 0 and res["f_cur_images_per_s"] > 0
+    assert res["dit_fwd_bwd"]["flops"] > 0 and res["dit_fwd_bwd"]["flop_s"] > 0
     for line in ("ratios:", "projected wall time: T =", "reference loop", "with checkpointing"):
         assert line in p.stdout, line
