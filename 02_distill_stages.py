@@ -45,7 +45,7 @@ import dit
 
 STAGES = 5  # default K of the methods with equal increments (LGD: IPC 50 as 5 x 10)
 # --sample-batch by scale. Paper: one guided sample of DiT-XL/2 + VAE decoder + f_cur + f_ref at
-# 256 px keeps <= 1.1 GB of activations for the backward pass with checkpointing, <= 2.4 GB
+# 256 px keeps <= 1.12 GB of activations for the backward pass with checkpointing, <= 2.46 GB
 # without (README: the memory rule), so 30 (= ImageNette's 10 classes x kappa 3) or 15 fit one
 # 80 GB GPU beside the ~5 GB of weights with room for the allocator and transient gradients
 SAMPLE_BATCH = {"small": 120, "paper": 30, "paper without checkpointing": 15}
