@@ -48,7 +48,9 @@ import dit
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, run_help="run folder to write (teacher/, dit/, dataset.json)")
+    common.add_common_args(p, run_default=None,
+                           run_help="run folder to write (teacher/, dit/, dataset.json); default "
+                                    "runs/<dataset>, for imagefolder:<root> runs/<root's name>")
     p.add_argument("--dataset", default="mnist5k", help=f"one of {', '.join(common.DATASETS)}")
     p.add_argument("--data-root", type=Path, default=None, help="dataset folder (ImageNette/Woof, CIFAR)")
     p.add_argument("--size", type=int, default=None, help="image size for folder datasets (default: 128 for "
@@ -103,9 +105,17 @@ def parse_args(argv=None):
                    help="also train 03's hard-label student (3 seeds) on plain CFG samples at IPC 10 "
                         "and on random real subsets of the same size (costs student training)")
     args = p.parse_args(argv)
+    args.run = args.run or default_run(args.dataset)
     if args.dit_patch is None:
         args.dit_patch = 4 if args.prior == "pixel" else 1
     return args
+
+
+def default_run(dataset: str) -> Path:
+    """runs/<dataset>, or runs/<root's name> for imagefolder:<root>: one run per dataset."""
+    if dataset.startswith("imagefolder:"):
+        return Path("runs") / (Path(dataset.split(":", 1)[1]).resolve().name or "imagefolder")
+    return Path("runs") / dataset
 
 
 def parse_epochs(s: str, epochs: int) -> list:
@@ -581,6 +591,8 @@ def main():
             what = f"dataset {old['name']!r}" if old["name"] != info.name else f"other {info.name} settings"
             raise common.UserError(f"{args.run} was made for {what} (see its dataset.json); "
                               f"choose another --run or pass --overwrite")
+    for sub in ("teacher", "dit"):  # one writer per run: a second 01 on it ends here
+        common.lock_folder(args.run / sub, "run")
     args.run.mkdir(parents=True, exist_ok=True)
     common.write_json(ds_file, info.to_dict())
     print(f"dataset {info.name}: {len(train.y)} train / {len(test.y)} test, {info.num_classes} classes, "

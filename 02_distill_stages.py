@@ -48,6 +48,11 @@ import common
 import dit
 
 STAGES = 5  # default K of the methods with equal increments (LGD: IPC 50 as 5 x 10)
+# --sample-batch by scale. Paper: one guided sample of DiT-XL/2 + VAE decoder + f_cur + f_ref at
+# 256 px keeps <= 1.12 GB of activations for the backward pass with checkpointing, <= 2.46 GB
+# without (README: the memory rule), so 30 (= ImageNette's 10 classes x kappa 3) or 15 fit one
+# 80 GB GPU beside the ~5 GB of weights with room for the allocator and transient gradients
+SAMPLE_BATCH = {"small": 120, "paper": 30, "paper without checkpointing": 15}
 
 # ------------------------------------------------------------------------------------------
 # The method registry. A method is its stage maker plus its own flags, each flag with a
@@ -72,6 +77,7 @@ class Method:
     uses_prior: bool = True  # reads <run>/dit
     stages: Callable = equal_stages  # (args, settings) -> images per class of each stage
     check: Callable | None = None  # (job) -> None, more checks before anything is written
+    parallel: bool = True  # under torchrun every rank runs make (its share); False: rank 0 alone
 
 
 METHODS: dict = {}  # name -> Method, filled by each method's section
@@ -153,9 +159,14 @@ def parse_args(argv=None):
                    help="DDPM ancestral steps (papers: 50)")
     g.add_argument("--cfg", type=float, default=4.0,
                    help="classifier-free guidance scale (papers: 4.0)")
-    g.add_argument("--sample-batch", type=common.positive_int, default=120,
+    g.add_argument("--sample-batch", type=common.positive_int, default=None,
                    help="samples per forward pass (candidates included); a batch never holds "
-                        "two images of one class, and the images do not depend on it")
+                        "two images of one class, and the images do not depend on it. Default "
+                        "by scale: " + ", ".join(f"{k} {v}" for k, v in SAMPLE_BATCH.items()))
+    g.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="gradient checkpointing of the DiT and the VAE in guided steps: a "
+                        "fraction of the memory for one more forward pass; auto = on at "
+                        "--scale paper, off at small")
     g = p.add_argument_group("method settings (default: the method's column for --scale)")
     for flag, kw in METHOD_FLAGS.items():
         users = {m: spec.defaults[flag] for m, spec in METHODS.items() if flag in spec.defaults}
@@ -198,9 +209,18 @@ class Job:
         self.teacher, self.prior, self.real, self.test = teacher, prior, real, test
         self.scale, self.settings, self.out = scale, settings, out
         self.counts = counts  # images per class of each stage
+        # checkpointing and the batch change how fast and in how much memory, not what is made
+        self.checkpointing = args.checkpointing == "on" or \
+            (args.checkpointing == "auto" and scale == "paper")
+        self.sample_batch = args.sample_batch or SAMPLE_BATCH[
+            scale if scale == "small" or self.checkpointing else "paper without checkpointing"]
         self.per_stage = counts[0]  # the stage size of the methods with equal stages
         self.done = []  # finished stages: dicts with x (uint8), y, z (latents or None)
         self.cache = {}  # what a maker computes once for all stages (delt: the optimisation)
+        self.owned = {}  # stage -> the classes whose images this rank made (torchrun)
+
+    def stage_folder(self, k: int) -> Path:
+        return self.out / f"stage_{k + 1:02d}"
 
     def labels(self) -> torch.Tensor:
         """Class-major labels of one increment: per_stage images of class 0, then class 1, ..."""
@@ -226,21 +246,48 @@ class Job:
         Slots are sampled slot-major (image j of every class, then image j + 1), so the memory
         moves on after every batch; slot (c, j) draws its noise from its own seed, so neither
         the process that samples class c nor the order of the batches changes its image.
+        Under torchrun the class groups go round-robin to the ranks and rank 0 gathers every
+        rank's slots; the other ranks get theirs with zeros elsewhere and write only their own
+        classes (self.owned). Images come back as their PNGs hold them (uint8 / 255).
         """
-        a, C, n = self.args, self.info.num_classes, self.per_stage
+        a, C, n, r = self.args, self.info.num_classes, self.per_stage, common.ranks()
         y = torch.arange(C, device=self.device).repeat(n)  # slot-major: slot j * C + c = (c, j)
         seeds = [dit.slot_seed(stage_seed(a.seed, k), c, j) for j in range(n) for c in range(C)]
         # a batch = one group of consecutive classes in one round j; the groups are fixed by
         # --sample-batch alone, so the batches are the same whatever order they are made in
-        group = max(1, a.sample_batch // candidates)
-        slot_batches = [list(range(j * C + g, j * C + min(g + group, C)))
-                        for j in range(n) for g in range(0, C, group)]
-        imgs, z, scores = dit.sample(self.prior, y, seeds, steps=a.sample_steps, cfg=a.cfg,
-                                     guidance=guidance, candidates=candidates, score=score,
-                                     slot_batches=slot_batches, ctx=self.ctx, desc=desc)
+        # and whichever rank makes them (another grouping is the same computation, but its
+        # batched kernels may round differently in the last bit)
+        group = max(1, self.sample_batch // candidates)
+        groups = [list(range(g, min(g + group, C))) for g in range(0, C, group)]
+        if len(groups) < r.world and r.main and k not in self.owned:
+            tqdm.write(f"warning: {len(groups)} class group(s) of {group} for {r.world} ranks: "
+                       f"{r.world - len(groups)} rank(s) idle in stage {k + 1}; --sample-batch "
+                       f"{candidates * math.ceil(C / r.world)} or less gives every rank classes")
+        mine = groups[r.rank::r.world]  # a class's rounds all stay on one rank: its memory
+        self.owned[k] = [c for g in mine for c in g]
+        slot_batches = [[j * C + c for c in g] for j in range(n) for g in mine]
+        slots = [i for b in slot_batches for i in b]
+        where = {i: p for p, i in enumerate(slots)}  # slot -> its row in this rank's share
+        shape = (self.info.channels, self.info.size, self.info.size)
+        part = ([], torch.zeros(0, *shape, dtype=torch.uint8),
+                torch.zeros(0, *self.prior.latent_shape), torch.zeros(0))
+        if slots:
+            imgs, z, scores = dit.sample(
+                self.prior, y[slots], [seeds[i] for i in slots], steps=a.sample_steps,
+                cfg=a.cfg, guidance=guidance, candidates=candidates, score=score,
+                slot_batches=[[where[i] for i in b] for b in slot_batches], ctx=self.ctx,
+                desc=desc)
+            part = (slots, common.to_u8(imgs).cpu(), z.float().cpu(), scores.float().cpu())
+        parts = r.gather(part) or [part]  # rank 0: every rank's share; the others: their own
+        x, zs, sc = torch.zeros(n * C, *shape, dtype=torch.uint8), \
+            torch.zeros(n * C, *self.prior.latent_shape), torch.zeros(n * C)
+        for idx, x_part, z_part, s_part in parts:
+            if idx:
+                x[idx], zs[idx], sc[idx] = x_part, z_part, s_part
         # back to the class-major order of the stage's files
-        order = torch.arange(n * C, device=imgs.device).view(n, C).t().flatten()
-        return imgs[order], z[order], scores[order]
+        order = torch.arange(n * C).view(n, C).t().flatten()
+        return (common.to_float(x[order]).to(self.device), zs[order].to(self.device),
+                sc[order].to(self.device))
 
     def guidance(self, terms: list, s: dict | None = None) -> dit.Guidance:
         """The guidance settings `s` (default the method's) around `terms`, with the memory of
@@ -250,12 +297,23 @@ class Job:
                             deviation=s["gamma"], memory=self.memory(s["memory"]),
                             eps_const=s["eps_const"])
 
-    def train_guide(self, k: int, proto: common.Protocol, name: str) -> common.Classifier:
+    def train_guide(self, k: int, proto: common.Protocol, name: str,
+                    file: str) -> common.Classifier:
         """f_cur / D_k: trained from scratch on every finished stage, seeded by the stage, then
-        frozen (guidance needs gradients with respect to images only)."""
-        model = common.build_model(self.settings["guide_model"], self.info).to(self.device)
-        common.fit(model, self.union(), self.info, proto, epochs=self.settings["guide_epochs"],
-                   seed=stage_seed(self.args.seed, k), ctx=self.ctx, desc=f"stage {k + 1} {name}")
+        frozen (guidance needs gradients with respect to images only). Under torchrun rank 0
+        trains it once and shares it as stage k's `file`; the other ranks wait and load it."""
+        r, path = common.ranks(), self.stage_folder(k) / file
+        if r.main:
+            model = common.build_model(self.settings["guide_model"], self.info).to(self.device)
+            common.fit(model, self.union(), self.info, proto,
+                       epochs=self.settings["guide_epochs"], seed=stage_seed(self.args.seed, k),
+                       ctx=self.ctx, desc=f"stage {k + 1} {name}")
+            if r.world > 1:
+                common.save_classifier(path, model, self.settings["guide_model"], self.info,
+                                       stage=k + 1)
+        r.barrier()
+        if not r.main:
+            model = common.load_classifier(path, self.info, self.device)
         return model.requires_grad_(False)
 
 
@@ -265,13 +323,19 @@ def ce(model, x_u8, y, ctx) -> torch.Tensor:
     return F.cross_entropy(common.predict(model, x_u8, ctx=ctx), y, reduction="none")
 
 
-def write_stage(folder: Path, job: Job, k: int, out: dict, seconds: float) -> dict:
-    """Images, latents and models of one stage, then the manifest (last: the stage is done)."""
-    info = job.info
+def write_stage(folder: Path, job: Job, k: int, out: dict | None, seconds: float) -> dict | None:
+    """Images, latents and models of one stage, then the manifest (last: the stage is done).
+    Under torchrun every rank writes the images of the classes it sampled (rank 0 all of a
+    stage made whole), then rank 0 the rest once every rank's images are on disk."""
+    info, r = job.info, common.ranks()
     n, base = job.counts[k], sum(job.counts[:k])  # indices continue after earlier stages
-    for c in range(info.num_classes):
+    classes = job.owned.get(k, range(info.num_classes) if r.main else [])
+    for c in classes if out is not None else []:
         for j, img in enumerate(out["x"][out["y"] == c]):
             common.save_png(img.float() / 255, folder / info.classes[c] / f"{base + j:06d}.png")
+    r.barrier()
+    if not r.main:
+        return None
     if out["z"] is not None:
         common.torch_save(out["z"].cpu(), folder / "latents.pt")
     for name, model in out.get("models", {}).items():
@@ -331,7 +395,7 @@ def make_dit(job: Job, k: int) -> dict:
     return {"x": common.to_u8(imgs), "y": job.labels(), "z": z, "scores": {}}
 
 
-METHODS["random"] = Method(make_random, uses_prior=False, check=check_random)
+METHODS["random"] = Method(make_random, uses_prior=False, check=check_random, parallel=False)
 METHODS["dit"] = Method(make_dit)
 
 
@@ -350,7 +414,7 @@ GUIDED = {  # the guided-sampling defaults lgd and acs share (paper: a latent Di
     "window": both("10,45"),  # of 50 steps (LGD paper)
     "memory": both(64),  # IGD's FIFO length per class
     "eps_const": both(False),
-    "guide_model": both("convnet-3"),
+    "guide_model": {"paper": "convnet-6", "small": "convnet-3"},  # IGD and LGD: ConvNet-6
     "guide_epochs": {"paper": 300, "small": 60},  # f_cur / D_k (our choice)
 }
 
@@ -395,7 +459,7 @@ def make_lgd(job: Job, k: int) -> dict:
         with torch.no_grad(), job.ctx:
             z = job.prior.encode(common.to_float(x.x)).float()
         return {"x": x.x, "y": x.y, "z": z, "scores": {}}
-    current = job.train_guide(k, common.Protocol("hard"), "f_cur")
+    current = job.train_guide(k, common.Protocol("hard"), "f_cur", "current.pt")
     terms = dit.learnability_terms(current, job.teacher, job.settings["omega"])
     imgs, z, S = job.sample(k, job.guidance(terms), candidates=job.settings["candidates"],
                             score=lambda im, yy: dit.objective(terms, im, yy),
@@ -439,7 +503,8 @@ def make_acs(job: Job, k: int) -> dict:
         imgs, z, _ = job.sample(k, job.guidance([]), desc="curriculum 1")
         return {"x": common.to_u8(imgs), "y": y, "z": z, "scores": {}}
     # D_k: SGD 0.01, momentum 0.9, wd 5e-4, CutMix + crop, MultiStep (the precursor's recipe)
-    disc = job.train_guide(k, common.Protocol("hard", lr=0.01, wd=5e-4, optimizer="sgd"), "D_k")
+    disc = job.train_guide(k, common.Protocol("hard", lr=0.01, wd=5e-4, optimizer="sgd"), "D_k",
+                           "discriminator.pt")
     terms = dit.adversarial_terms(disc, job.teacher, job.settings["omega"],
                                   job.settings["adv_form"])
     # the same curriculum without the adversarial term, from the same noise: D_k's "before"
@@ -767,8 +832,9 @@ def delt_run(job: Job) -> list:
     todo = [b for b, f in enumerate(files) if not f.exists()]
     if len(todo) < len(files):
         tqdm.write(f"delt: resuming, {len(files) - len(todo)} of {len(files)} batches done earlier")
+    r = common.ranks()
     ranks = None if job.settings["init"] == "noise" else delt_init_ranks(job)
-    for b in tqdm(todo, desc="delt batches", unit="batch"):
+    for b in tqdm([b for b in todo if b % r.world == r.rank], desc="delt batches", unit="batch"):
         t0 = time.time()
         res = delt_optimise(job, batches[b], ranks, delt_batch_seed(job.args.seed, b))
         res.update(classes=batches[b], seed=delt_batch_seed(job.args.seed, b),
@@ -778,6 +844,7 @@ def delt_run(job: Job) -> list:
                    f"{batches[b][-1]}): {res['seconds']:.0f} s, final CE {res['final_ce']:.3f}, "
                    f"BN {res['final_bn']:.3f}, p_init {res['p_init'].mean():.3f} -> p_final "
                    f"{res['p_final'].mean():.3f}")
+    r.barrier()  # torchrun: the batches go round-robin to the ranks; all on disk before reading
     return files
 
 
@@ -843,6 +910,8 @@ def plan(args, device, ctx) -> Job:
               settings, counts, args.out or args.run / "distilled" / name)
     if method.check is not None:
         method.check(job)
+    if prior is not None:
+        prior.set_checkpointing(job.checkpointing)
     return job
 
 
@@ -851,50 +920,72 @@ def main():
     device, ctx = common.setup_device(args.device, args.amp)
     t_start, load_start = time.time(), common.load_average()
     job = plan(args, device, ctx)
+    r = common.ranks()
     if args.dry_run:
+        if not r.main:
+            return
         extra = {"join_iterations": delt_joins(job.counts, job.settings["round_iterations"])} \
             if args.method == "delt" else {}
         print(json.dumps(common.jsonable({"method": args.method, "scale": job.scale,
                                           "out": job.out, "images_per_stage": job.counts,
+                                          "sample_batch": job.sample_batch,
+                                          "checkpointing": job.checkpointing,
                                           "settings": job.settings, **extra})))
         return
     cfg_args = {k: v for k, v in vars(args).items() if k not in ("overwrite", "dry_run")}
-    # --sample-batch only groups slots into batches (dit.sample): rerunning with another one
-    # (after running out of memory, say) resumes instead of asking for --overwrite
-    common.prepare_folder(job.out, cfg_args, args.overwrite, "distilled set",
-                          ignore=("sample_batch",))
-    derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
-               "defaults": METHODS[args.method].defaults}
-    common.write_config(job.out, cfg_args, derived, device, ctx)
+
+    def claim():  # rank 0, for the whole job: one writer per folder, then its config.json
+        common.lock_folder(job.out, "distilled set")
+        # --sample-batch only groups slots into batches (dit.sample) and checkpointing only
+        # trades memory for compute: rerunning with another (after running out of memory,
+        # say) resumes instead of asking for --overwrite
+        common.prepare_folder(job.out, cfg_args, args.overwrite, "distilled set",
+                              ignore=("sample_batch", "checkpointing"))
+        derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
+                   "defaults": METHODS[args.method].defaults, "sample_batch": job.sample_batch,
+                   "checkpointing": job.checkpointing, "processes": r.world}
+        common.write_config(job.out, cfg_args, derived, device, ctx)
+    r.on_main(claim)
     print(f"{args.method}: IPC {args.ipc} as {len(job.counts)} stages of "
           f"{'/'.join(map(str, job.counts))} per class, {job.info.num_classes} classes of "
-          f"{job.info.name}; {job.scale} scale; device {device}; writing {job.out}")
-    if job.settings:
+          f"{job.info.name}; {job.scale} scale; device {device}; writing {job.out}"
+          + (f" (rank {r.rank} of {r.world})" if r.world > 1 else ""))
+    if job.settings and r.main:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in job.settings.items()))
+    method = METHODS[args.method]
     made = []  # (stage, seconds) made by this call
     for k in tqdm(range(len(job.counts)), desc=f"{args.method} stages", unit="stage"):
-        folder = job.out / f"stage_{k + 1:02d}"
+        folder = job.stage_folder(k)
         if (folder / "manifest.json").exists():
             job.done.append(load_stage(folder, job))
             tqdm.write(f"stage {k + 1}: done earlier, skipping")
             continue
-        if folder.exists():
+        if folder.exists() and r.main:
             shutil.rmtree(folder)  # unfinished: start the stage again from its own seed
+        r.barrier()  # torchrun: no rank writes into the stage before its leftovers are gone
         common.seed_everything(stage_seed(args.seed, k))
         t0 = time.time()
-        res = METHODS[args.method].make(job, k)
-        m = write_stage(folder, job, k, res, time.time() - t0)
-        made.append((k + 1, round(m["seconds"], 1)))
-        job.done.append({"x": res["x"], "y": res["y"], "z": res["z"]})
+        res = method.make(job, k) if method.parallel or r.main else None
+        seconds = time.time() - t0
+        m = write_stage(folder, job, k, res, seconds)
+        made.append((k + 1, round(seconds, 1)))
+        r.barrier()  # the manifest is on disk: every rank may read the stage
+        # the other ranks hold only their own classes' images: they read the stage back
+        job.done.append({"x": res["x"], "y": res["y"], "z": res["z"]} if r.main else
+                        load_stage(folder, job))
+        if m is None:
+            continue
         extra = {n: m[n] for n in ("current_test_acc", "disc_acc_before", "disc_acc_after")
                  if n in m}
         tqdm.write(f"stage {k + 1}/{len(job.counts)}: {m['seconds']:.0f} s, reference acc "
                    f"{m['reference_acc']:.1f} %, reference loss {m['reference_loss']:.3f}, "
                    + ", ".join(f"{n} {v:.3f}" for n, v in {**m["mean_scores"], **extra}.items()))
-    if args.method == "delt":  # every stage has its manifest: the batch results are not needed
+    if args.method == "delt" and r.main:  # every stage has its manifest: batches not needed
         shutil.rmtree(job.out / DELT_STATE, ignore_errors=True)
+    if not r.main:
+        return
     # one phase per set, loading the run included; a call that only found finished stages
-    # keeps the entry of the call that made them
+    # keeps the entry of the call that made them (under torchrun: rank 0's wall time)
     timings = common.Timings(args.run)
     timings.add(f"02/{job.out.name}", time.time() - t_start, load_start, skipped=not made,
                 stage_seconds=dict(made), resumed=len(made) < len(job.counts))

@@ -255,6 +255,8 @@ class Evaluation:
         self.out, self.cache = self.run / "eval" / args.name, self.run / "eval" / "cache"
         self.test_hash = split_hash(self.test)
         self.trained, self.reused, self.done = 0, 0, set()  # done: keys trained in this call
+        self.collect = None  # a list while planning torchrun's shares: student() only records
+        self.fresh = set()  # keys another rank trained in this call: counted as trained once
 
     def _full_epochs(self) -> int:
         a = self.args.full_epochs
@@ -276,6 +278,7 @@ class Evaluation:
         cargs = {k: v for k, v in vars(self.args).items()
                  if k not in ("overwrite", "device", "amp")}
         cargs["sets"], cargs["run"] = [str(f) for f in self.folders], str(self.run)
+        common.lock_folder(self.out, "evaluation")  # a second 03 on this folder ends here
         common.prepare_folder(self.out, cargs, self.args.overwrite, "evaluation")
         self.derived = {
             "epoch_rule": self.rule, "epochs_by_ipc": {i: self.epochs(i) for i in self.ipcs},
@@ -306,7 +309,13 @@ class Evaluation:
     @contextmanager
     def timed(self, timings: common.Timings, step: str):
         """Time one step as phase 03/<name>/<step>, with the students it trained and reused;
-        a step that trained none keeps the entry of the call that trained them."""
+        a step that trained none keeps the entry of the call that trained them. timings None
+        (torchrun's planning pass, train_shares) times nothing. Under torchrun the students
+        were trained before, by every rank (phase 'students on N ranks'): a step then counts
+        them but takes only the reading of the cache."""
+        if timings is None:
+            yield
+            return
         trained, reused = self.trained, self.reused
         with timings.phase(f"03/{self.args.name}/{step}") as ph:
             yield
@@ -327,8 +336,15 @@ class Evaluation:
                "targets": {k: split_hash(v) for k, v in sorted(targets.items())}}
         key = hashlib.sha1(json.dumps(job, sort_keys=True).encode()).hexdigest()[:20]
         path = self.cache / "students" / f"{key}.json"
+        if self.collect is not None:  # planning: record the student, train nothing
+            self.collect.append((key, (train, student, proto, epochs, seed, targets, desc)))
+            return {"acc": math.nan, "on": {k: math.nan for k in targets}, "wall_s": 0.0}
         if path.exists() and (not self.args.overwrite or key in self.done):
-            self.reused += 1
+            if key in self.fresh:
+                self.fresh.discard(key)
+                self.trained += 1
+            else:
+                self.reused += 1
             return common.read_json(path)
         t0 = time.time()
         common.seed_everything(seed)  # the weight initialisation
@@ -363,6 +379,34 @@ class Evaluation:
 # ------------------------------------------------------------------------------------------
 # the evaluation's steps
 # ------------------------------------------------------------------------------------------
+
+
+def train_shares(ev: Evaluation):
+    """torchrun: every rank trains its share of the students this evaluation needs into the
+    student cache, so that rank 0 then assembles every number from the cache alone.
+
+    The steps below run once with student() recording instead of training; the students not
+    in the cache are dealt out longest first, each to the least loaded rank (cost: training
+    images x epochs). A student's result depends on its seed alone, not on its process.
+    """
+    r = common.ranks()
+    ev.collect = []
+    set_rows(ev, baseline_rows(ev))
+    increment_analyses(ev, None)
+    jobs, ev.collect = dict(ev.collect), None  # key -> arguments (one student asked twice: once)
+    todo = r.broadcast([k for k in jobs if ev.args.overwrite or
+                        not (ev.cache / "students" / f"{k}.json").exists()] if r.main else None)
+    load, mine = [0] * r.world, []
+    for key in sorted(todo, key=lambda k: -len(jobs[k][0].y) * jobs[k][3]):  # stable: same
+        rank = load.index(min(load))  # order on every rank
+        load[rank] += len(jobs[key][0].y) * jobs[key][3]
+        if rank == r.rank:
+            mine.append(key)
+    for key in mine:
+        ev.student(*jobs[key][:6], desc=jobs[key][6])
+    r.barrier()
+    ev.done |= set(todo)  # trained in this call, by some rank: reused even under --overwrite
+    ev.fresh, ev.trained, ev.reused = set(todo), 0, 0
 
 
 def baseline_rows(ev: Evaluation) -> list:
@@ -651,11 +695,26 @@ def main():
     device, ctx = common.setup_device(args.device, args.amp)
     t_start, load_start = time.time(), common.load_average()
     ev = Evaluation(args, device, ctx)  # every input checked before anything is written
-    if not ev.sets:
+    r = common.ranks()
+    if not ev.sets and r.main:
         print(f"no distilled sets under {ev.run}/distilled yet: evaluating the baselines only")
-    ev.start()
+    # rank 0 holds the folder's lock, writes its config.json and draws the random subsets;
+    # every rank gets the draws and which sets are the baseline's draw 0
+    shared = r.on_main(lambda: ev.start() or (ev.draws, [s["baseline_draw"] for s in ev.sets]))
+    ev.draws = shared[0]
+    for s, same in zip(ev.sets, shared[1]):
+        s["baseline_draw"] = same
     timings = common.Timings(ev.run)
-    timings.add(f"03/{args.name}/inputs", time.time() - t_start, load_start)
+    if r.main:
+        timings.add(f"03/{args.name}/inputs", time.time() - t_start, load_start)
+    if r.world > 1:  # torchrun: the students spread over the ranks, rank 0 writes the results
+        t0, load0 = time.time(), common.load_average()
+        train_shares(ev)
+        if not r.main:
+            return
+        # the steps below find these students in the cache: their time is this phase's
+        timings.add(f"03/{args.name}/students on {r.world} ranks", time.time() - t0, load0,
+                    students_trained=len(ev.fresh))
     with ev.timed(timings, "baselines"):
         rows = baseline_rows(ev)
     with ev.timed(timings, "sets"):

@@ -7,8 +7,8 @@ ARGS    ?=
 # default adds per-stage accuracy and acs): ~40 fewer minutes on 2 CPU cores. EVAL_ARGS= restores 03's defaults.
 EVAL_ARGS ?= --soft-methods none --analyses redundancy,diversity --analysis-methods dit,lgd
 
-.PHONY: setup demo teacher distill evaluate timings bench bench-speed bench-eval bench-delt test \
-	notebooks clean
+.PHONY: setup demo teacher distill evaluate timings bench bench-speed bench-gpu bench-eval bench-delt \
+	test notebooks clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 .venv/done: requirements.txt
@@ -50,6 +50,12 @@ bench: bench-speed
 
 bench-speed: setup
 	$(PY) benchmarks/bench_speed.py --run $(RUN)
+
+# paper-scale guided sampling on one GPU: DiT-XL/2 and an sd-vae-ft-mse-shaped VAE with random weights
+# (nothing downloaded), plain vs LGD-guided, checkpointing, bf16 vs fp32, against the one-image fp32 loop;
+# FLOP/s against the bf16 peak; projected LGD wall times (writes runs/bench_gpu.json). On a CPU: --tiny
+bench-gpu: setup
+	$(PY) benchmarks/bench_gpu.py $(ARGS)
 
 # wall time of one method at IPC 50, 3 convnet-3 seeds, hard labels (copies $(RUN)'s teacher to a temp folder)
 bench-eval: setup

@@ -2,21 +2,26 @@
 
 The DiT prior and its guided sampler live in dit.py; everything here is independent of diffusion.
 Sections, each using only those above it:
-  1 flags, errors and seeding      2 device and precision       3 atomic I/O
+  1 flags, errors and seeding      2 device, precision, ranks   3 atomic I/O
   4 data                           5 batched augmentations      6 models
   7 the training loop              8 run folders (the handoff contract between 01, 02 and 03)
   9 timings of the pipeline's phases (<run>/timings.json)
+  10 folder locks (one writer per output folder)
 Conventions: an image tensor handed between functions is float in [0, 1], shape (B, C, H, W);
 datasets are kept as uint8 tensors; classifiers normalise their input themselves.
 The methods and their defaults are specified in docs/methods.md (cited as §N).
 """
 import argparse
+import atexit
+import datetime
 import json
 import math
 import os
 import platform
 import random
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -140,8 +145,89 @@ def git_commit() -> str | None:
 
 
 # ==========================================================================================
-# 2. Device and precision
+# 2. Device, precision and torchrun ranks
 # ==========================================================================================
+
+# rank 0 alone trains f_cur / D_k (up to hours at ImageNet-1K) while the others wait at a barrier
+DIST_TIMEOUT = datetime.timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes torchrun started for one job: rank 0 of 1
+    without torchrun, where every method below is a no-op."""
+    rank: int = 0
+    world: int = 1
+    local: int = 0  # the process's index on its host: the GPU it uses
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes what a job writes once: config, manifests, results."""
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier(group=_GROUP)
+
+    def gather(self, obj) -> list | None:
+        """Every rank's obj (CPU tensors, numbers, lists), in rank order, on rank 0; None on
+        the others."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        torch.distributed.gather_object(obj, out, dst=0, group=_GROUP)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's obj, on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=_GROUP)
+        return box[0]
+
+    def on_main(self, fn):
+        """fn() on rank 0 alone; every rank returns its result or raises its UserError, so a
+        bad input ends every rank with the same one line instead of leaving them waiting."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except UserError as e:
+                error = str(e)
+        result, error = self.broadcast((result, error))
+        if error is not None:
+            raise UserError(error)
+        return result
+
+
+_RANKS, _GROUP = Ranks(), None
+
+
+def ranks() -> Ranks:
+    return _RANKS
+
+
+def init_ranks(device_type: str) -> Ranks:
+    """Join torchrun's process group once (NCCL on GPUs, gloo on the CPU), from the
+    environment torchrun sets; without torchrun (no WORLD_SIZE) this process is rank 0 of 1."""
+    global _RANKS, _GROUP
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or _RANKS.world > 1:
+        return _RANKS
+    import torch.distributed as dist
+    r = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_type == "cuda":
+        torch.cuda.set_device(r.local)
+        dist.init_process_group("nccl", timeout=DIST_TIMEOUT)
+        # barriers and gathers of Python objects go through gloo: CPU tensors, CPU-side waits,
+        # no GPU memory taken for the transfer
+        _GROUP = dist.new_group(backend="gloo", timeout=DIST_TIMEOUT)
+    else:
+        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+    atexit.register(dist.destroy_process_group)
+    _RANKS = r
+    return r
 
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -194,11 +280,15 @@ def amp_of(ctx) -> str:
 
 def setup_device(name: str, amp: str | bool = "auto"):
     """(device, ctx): ctx is bf16 autocast where --amp resolves to on (resolve_amp), else a
-    no-op context."""
+    no-op context. Under torchrun the process joins its job's process group and takes GPU
+    LOCAL_RANK."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if name == "auto" else name)
+    r = init_ranks(device.type)
+    if device.type == "cuda" and r.world > 1:
+        device = torch.device("cuda", r.local)  # one GPU per process
     if device.type == "cuda":
         # TF32 matmuls: about the accuracy of these models, several times the fp32 throughput
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -289,6 +379,26 @@ IMAGENETTE = {"n01440764": 0, "n02102040": 217, "n02979186": 482, "n03000684": 4
 IMAGEWOOF = {"n02086240": 155, "n02087394": 159, "n02088364": 162, "n02089973": 167,
              "n02093754": 182, "n02096294": 193, "n02099601": 207, "n02105641": 229,
              "n02111889": 258, "n02115641": 273}
+
+
+
+
+def imagenet_wnids() -> list:
+    """The 1,000 ImageNet-1K WordNet ids in class-index order (the order of an ImageNet DiT's
+    labels), as timm ships them: timm/data/_info/imagenet_synsets.txt (timm, Apache-2.0)."""
+    from importlib import resources
+    try:
+        text = resources.files("timm").joinpath("data/_info/imagenet_synsets.txt").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):  # a timm without the file: no automatic map
+        return []
+    return text.split()
+
+
+def imagenet_class_map(classes: list) -> list | None:
+    """ImageNet-1K indices of class folders named by WordNet ids (ImageNet-100, a user's own
+    subset), so an ImageNet DiT can be conditioned on them; None unless every name is one."""
+    index = {w: i for i, w in enumerate(imagenet_wnids())}
+    return [index[c] for c in classes] if classes and all(c in index for c in classes) else None
 
 
 @dataclass
@@ -487,7 +597,7 @@ def _folder_dataset(name, root: Path, size, mean, std, wnids):
     if not train_dir.is_dir() or not val_dir.is_dir():
         raise UserError(f"{root} needs train/ and val/ sub-folders (ImageFolder layout)")
     classes = sorted(list_class_folders(train_dir))
-    class_map = None
+    class_map = imagenet_class_map(classes)  # any tree of ImageNet-1K WordNet-id folders
     if wnids is not None:
         unknown = [c for c in classes if c not in wnids]
         if unknown or len(classes) != len(wnids):
@@ -1172,3 +1282,97 @@ def timings_table(run: Path) -> str:
 def print_timings(run: Path = Path("runs/mnist5k")):
     """`make timings`: the table of <run>/timings.json (a bad run is one `error:` line)."""
     cli(lambda: print(timings_table(run)))
+
+
+# ==========================================================================================
+# 10. Folder locks: one writer per output folder
+# ==========================================================================================
+
+_LOCKS = {}  # lock file -> open descriptor: a lock lives as long as its descriptor
+
+
+def _lock_owner(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 65536, 0).decode() or "{}")
+    except (ValueError, OSError):
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def lock_folder(folder: Path, what: str) -> Path:
+    """Claim an output folder for this process until it exits; returns the lock file.
+
+    The lock is <parent>/.<name>.lock, beside the folder so that --overwrite may wipe the
+    folder, and records the owner's pid, host and command. A second writer ends at once with
+    a UserError naming the owner instead of both writing. A lock left by a killed run does not
+    block the rerun: the lock is an flock, which the kernel drops with its process, and on a
+    file system without flock a recorded pid that is not alive on this host is taken over.
+    Under torchrun rank 0 takes it for the job (common.Ranks.on_main).
+    """
+    import fcntl
+    folder = Path(folder)
+    path = folder.parent / f".{folder.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "command": shlex.join([Path(sys.executable).name] + sys.argv),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        owner = _lock_owner(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            busy = False
+        except BlockingIOError:
+            busy = True
+        except OSError:  # no flock on this file system: the recorded pid decides
+            busy = owner.get("host") == me["host"] and owner.get("pid") not in (None, me["pid"]) \
+                and _pid_alive(owner["pid"])
+        if busy:
+            owner = _lock_owner(fd) or owner  # read again: the owner writes just after its flock
+            os.close(fd)
+            raise UserError(f"{folder} is being written by another process: pid "
+                            f"{owner.get('pid')} on {owner.get('host')} since "
+                            f"{owner.get('since')}, `{owner.get('command')}`; wait for it to "
+                            f"end or stop it, or write another {what} folder")
+        try:  # the owner may have released (and removed) the file between our open and flock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    owner = _lock_owner(fd)  # what a run that ended without releasing left behind
+    if owner:
+        print(f"{what} {folder}: taking over the lock of pid {owner.get('pid')} on "
+              f"{owner.get('host')}, which no longer runs")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    _LOCKS[path] = fd
+    atexit.register(unlock_folder, folder)
+    return path
+
+
+def unlock_folder(folder: Path):
+    """Release this process's lock of `folder` (at exit by default): remove the file, then drop
+    the flock, so the next writer finds no stale owner."""
+    folder = Path(folder)
+    path = folder.parent / f".{folder.name}.lock"
+    fd = _LOCKS.pop(path, None)
+    if fd is None:
+        return
+    try:
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
