@@ -6,9 +6,12 @@ their ratios (target: guided <= 4x plain with full backprop); wall time of dit, 
 its own f_cur against the plain-DiT images of the same stage (must be higher); the reference model's
 accuracy on LGD/ACS images (target >= 90 %); ACS's discriminator accuracies per curriculum.
 
+02 is driven as a user would (a subprocess per method, --overwrite); the sampler timing calls dit.sample.
 Reads the run folder of 01 (default runs/mnist5k); writes fresh sets under <out>/distilled/ (default
 runs/bench02, a copy of the run's dataset.json, teacher/ and dit/), so it never reuses finished stages.
   python benchmarks/bench_02.py            # ~30 min on 2 cores
+  python benchmarks/bench_02.py --ipc 4 --stages 2 --steps 4 --per-class 1 --extra "--sample-steps 4" \
+      --guided-extra "--guide-epochs 2 --guide-model convnet-1"      # smoke test
 """
 import argparse
 import os
@@ -30,20 +33,20 @@ def load():
     return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
-def time_sampling(run: Path, n_per_class: int):
+def time_sampling(run: Path, n_per_class: int, steps: int):
     """Seconds per sample: plain CFG, guided (backprop through the DiT), guided with eps constant."""
     info = C.read_run_info(run)
-    teacher, prior = C.load_run_teacher(run, info, "cpu"), C.load_run_prior(run, info, "cpu")
+    teacher, prior = C.load_run_teacher(run, info, "cpu"), G.load_run_prior(run, info, "cpu")
     torch.manual_seed(0)
     current = C.build_model("convnet-3", info).eval()  # cost does not depend on the weights
     terms = G.learnability_terms(current, teacher, 0.5)
-    y = torch.arange(info.num_classes).repeat_interleave(n_per_class)
+    y = torch.arange(info.num_classes).repeat(n_per_class)  # slot-major, as 02 samples
+    seeds = [G.slot_seed(0, i) for i in range(len(y))]
     out = {}
     for name, guide in [("plain", None), ("guided", G.Guidance(terms=terms, scale=15.0)),
                         ("guided, eps const", G.Guidance(terms=terms, scale=15.0, eps_const=True))]:
         t0 = time.time()
-        G.sample(prior, y, steps=50, cfg=4.0, gen=torch.Generator().manual_seed(0), guidance=guide,
-                 batch_size=len(y), progress=False)
+        G.sample(prior, y, seeds, steps=steps, cfg=4.0, guidance=guide, batch_size=len(y), progress=False)
         out[name] = (time.time() - t0) / len(y)
     return out
 
@@ -53,6 +56,11 @@ def main():
     p.add_argument("--run", type=Path, default=Path("runs/mnist5k"))
     p.add_argument("--out", type=Path, default=Path("runs/bench02"))
     p.add_argument("--ipc", type=int, default=50)
+    p.add_argument("--stages", type=int, default=None, help="02's --stages (default: 02's, 5)")
+    p.add_argument("--steps", type=int, default=50, help="DDPM steps of the sampler timing")
+    p.add_argument("--per-class", type=int, default=10, help="samples per class of the sampler timing")
+    p.add_argument("--extra", default="", help="more 02 flags for every method, e.g. '--sample-steps 4'")
+    p.add_argument("--guided-extra", default="", help="more 02 flags for lgd and acs, e.g. '--guide-epochs 2'")
     a = p.parse_args()
     print(f"start: {load()}, {torch.get_num_threads()} threads")
     a.out.mkdir(parents=True, exist_ok=True)
@@ -61,8 +69,9 @@ def main():
         if not dst.exists():
             (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
 
-    t = time_sampling(a.out, 10)
-    print(f"\nsampling, 50 DDPM steps, 100 samples in one batch, window [10, 45] of 50:")
+    t = time_sampling(a.out, a.per_class, a.steps)
+    n = a.per_class * C.read_run_info(a.out).num_classes
+    print(f"\nsampling, {a.steps} DDPM steps, {n} samples in one batch, window [10, 45] of 50:")
     for name, s in t.items():
         print(f"  {name:18s} {s:.3f} s/sample  ({s / t['plain']:.2f}x plain)")
     print(f"  lgd keeps 1 of kappa = 3 candidates: {3 * t['guided']:.3f} s per kept image")
@@ -70,9 +79,13 @@ def main():
     wall = {}
     for method in ("dit", "lgd", "acs"):
         t0 = time.time()
-        subprocess.run([sys.executable, str(ROOT / "02_distill_stages.py"), "--run", str(a.out), "--method", method,
-                        "--ipc", str(a.ipc), "--overwrite"], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        argv = ["--run", str(a.out), "--method", method, "--ipc", str(a.ipc), "--overwrite", *a.extra.split()]
+        argv += a.guided_extra.split() if method in ("lgd", "acs") else []
+        argv += [] if a.stages is None else ["--stages", str(a.stages)]
+        r = subprocess.run([sys.executable, str(ROOT / "02_distill_stages.py"), *argv], cwd=ROOT,
+                           capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"02 {' '.join(argv)} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
         wall[method] = time.time() - t0
         print(f"02 --method {method} --ipc {a.ipc}: {wall[method] / 60:.1f} min  ({load()})", flush=True)
 
