@@ -19,11 +19,12 @@ EVAL_ARGS ?= --soft-methods none --analyses redundancy,diversity --analysis-meth
 
 setup: .venv/done
 
+# 01: the teacher, the DiT prior and IGD's surrogate trajectory (--surrogate: igd needs it)
 teacher: setup
-	$(PY) 01_train_teacher.py --run $(RUN) $(ARGS)
+	$(PY) 01_train_teacher.py --run $(RUN) --surrogate $(ARGS)
 
 # 02: one distilled set per method and IPC (5 stages of IPC/5); finished stages are skipped on rerun
-METHODS ?= random dit lgd acs delt
+METHODS ?= random dit lgd acs igd delt
 IPCS    ?= 10 50
 distill: teacher
 	for i in $(IPCS); do for m in $(METHODS); do \
