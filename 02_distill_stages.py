@@ -639,7 +639,7 @@ def make_igd(job: Job, k: int, s: dict | None = None) -> dict:
     x, y = common.to_u8(imgs), job.labels()
     # scores of the images as saved: the gradient cosine per checkpoint and G = mean(cos) - 1,
     # in sampler-sized chunks (per-sample gradients take batch x parameters of memory)
-    b = job.args.sample_batch
+    b = job.sample_batch
     cos = torch.stack([torch.cat([t.fn(common.to_float(x[i:i + b]), y[i:i + b]).detach() + 1
                                   for i in range(0, len(y), b)]) for t in terms])  # (|E|, N)
     G = cos.mean(0) - 1

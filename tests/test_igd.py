@@ -200,6 +200,20 @@ def test_02_igd_same_seed_same_bytes_and_cache_reuse(run):
     assert files(out) == before
 
 
+def test_02_igd_with_the_default_sample_batch(run, tmp_path):
+    """Without --sample-batch (the scale's default, resolved in Job) igd scores its images in
+    chunks of that default: the same files as the run with --sample-batch 30 (10 classes make
+    batches of 10 slots either way)."""
+    out = run / "distilled" / "igd-ipc4"
+    if not out.exists():
+        distill(run, "igd")
+    i = TINY_02.index("--sample-batch")
+    args = TINY_02[:i] + TINY_02[i + 2:]
+    run_script("02_distill_stages.py", "--run", run, "--method", "igd", *args, "--out",
+               tmp_path / "default-batch")
+    assert files(tmp_path / "default-batch") == files(out)
+
+
 def test_02_igd_killed_mid_run_then_rerun_equals_uninterrupted(run, tmp_path):
     ref = run / "distilled" / "igd-ipc4"
     if not ref.exists():
