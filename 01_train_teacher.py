@@ -77,13 +77,16 @@ def parse_args(argv=None):
     g = p.add_argument_group("DiT prior")
     g.add_argument("--dit", default=None, help="pretrained diffusers DiT pipeline (hub name or folder); "
                    "default: train a small DiT (--prior)")
-    g.add_argument("--prior", default="pixel", choices=["pixel", "latent"],
+    g.add_argument("--prior", default="latent", choices=["pixel", "latent"],
                    help="the small DiT trained without --dit: 'pixel' acts on pixels; 'latent' is the "
                         "papers' architecture in miniature, an AutoencoderKL trained here (28 px -> "
                         "4x7x7) and a DiT on its scaled latents")
-    g.add_argument("--vae-steps", type=common.positive_int, default=800,
-                   help="AutoencoderKL training steps (--prior latent; reconstruction flat after ~750)")
+    g.add_argument("--vae-steps", type=common.positive_int, default=600,
+                   help="AutoencoderKL training steps (--prior latent)")
     g.add_argument("--vae-batch", type=common.positive_int, default=128, help="AutoencoderKL batch size")
+    g.add_argument("--vae-width", type=common.positive_int, default=16,
+                   help="AutoencoderKL channels of its first block; the others have twice as many "
+                        "(16: blocks 16/32/32, a quarter of the cost of 32/64/64 per step)")
     g.add_argument("--dit-steps", type=common.positive_int, default=3000)
     g.add_argument("--dit-batch", type=common.positive_int, default=128)
     g.add_argument("--dit-lr", type=float, default=3e-4)
@@ -98,7 +101,9 @@ def parse_args(argv=None):
                    help="steps between sample-accuracy probes (20 per class) logged in metrics.json; 0 = off")
     g = p.add_argument_group("sampling (for the sample accuracy)")
     g.add_argument("--sample-steps", type=common.positive_int, default=50, help="DDPM ancestral steps (papers: 50)")
-    g.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (papers: 4.0)")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default by --scale: " +
+                        ", ".join(f"{k} {v}" for k, v in dit.CFG.items()) + ")")
     g.add_argument("--samples-per-class", type=common.positive_int, default=100)
     g.add_argument("--sample-batch", type=common.positive_int, default=250)
     g.add_argument("--distillability", action="store_true",
@@ -300,7 +305,7 @@ def vae_latents(vae, x, ctx, batch_size=500):
 
 def train_vae(args, info, train, test, device, ctx, phase):
     """The AutoencoderKL of --prior latent: MSE + 1e-6 KL on images in [-1, 1], AdamW 1e-3,
-    --vae-batch 128, --vae-steps steps; then its scaling factor, 1 / std of the training latents, goes
+    --vae-batch, --vae-steps steps, blocks --vae-width x (1, 2, 2); then its scaling factor, 1 / std of the training latents, goes
     into its config. Returns (VAE in eval mode, metrics). dit/vae/ is moved into place whole once
     the VAE is finished, so a rerun that finds it loads it instead of training again."""
     from diffusers import AutoencoderKL
@@ -312,7 +317,8 @@ def train_vae(args, info, train, test, device, ctx, phase):
         phase.skipped = True
         return AutoencoderKL.from_pretrained(final, low_cpu_mem_usage=False).to(device).eval(), m
     common.seed_everything(args.seed)
-    vae = dit.make_vae(info).to(device).train()
+    w = args.vae_width
+    vae = dit.make_vae(info, blocks=(w, 2 * w, 2 * w)).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR)
     start, curve = 0, []
     if state_path.exists():
@@ -358,7 +364,7 @@ def train_vae(args, info, train, test, device, ctx, phase):
         recon = F.mse_loss(rec, common.to_float(test.x) * 2 - 1).item()
     m = {"recon_mse": recon, "recon_on": f"{len(test.y)} test images, [-1, 1], posterior mean",
          "scaling_factor": 1.0 / std, "latent_shape": [4, info.size // 4, info.size // 4],
-         "steps": args.vae_steps, "batch": args.vae_batch, "lr": VAE_LR, "kl_weight": VAE_KL,
+         "steps": args.vae_steps, "batch": args.vae_batch, "width": args.vae_width, "lr": VAE_LR, "kl_weight": VAE_KL,
          "parameters": n_par, "train_s": time.time() - t0, "resumed_at": start, "curve": curve}
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
@@ -497,7 +503,8 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained, timings, test=
              and k != "dit_ckpt_every"}
     dargs.update(dataset=args.dataset, seed=args.seed)
     if args.prior != "pixel":  # only then: a pixel run's config.json, and its resume, as before
-        dargs.update(prior=args.prior, vae_steps=args.vae_steps, vae_batch=args.vae_batch)
+        dargs.update(prior=args.prior, vae_steps=args.vae_steps, vae_batch=args.vae_batch,
+                     vae_width=args.vae_width)
     if args.distillability:
         dargs.update(distillability=True)
     common.prepare_folder(folder, dargs, args.overwrite, "DiT")
@@ -512,7 +519,7 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained, timings, test=
     if args.dit is None and args.prior == "latent":
         with timings.phase("01/vae") as phase:
             vae, extra["vae"] = train_vae(args, info, train, test, device, ctx, phase)
-            phase.extra = {"steps": args.vae_steps, "batch": args.vae_batch}
+            phase.extra = {"steps": args.vae_steps, "batch": args.vae_batch, "width": args.vae_width}
         extra["prior"] = "latent"
     t0 = time.time()
     with timings.phase("01/prior") as phase:
@@ -569,6 +576,8 @@ def main():
     common.check_model(args.model, info)
     parse_epochs(args.keep_epochs, args.epochs)
     surrogate = surrogate_settings(args, info)
+    if args.cfg is None:
+        args.cfg = dit.CFG[common.resolve_scale(args.scale, info.name)]
     if args.teacher is not None:
         common.load_classifier(args.teacher, info, "cpu")
     if args.dit is not None and args.prior != "pixel":

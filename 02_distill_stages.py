@@ -98,6 +98,9 @@ METHOD_FLAGS = {
     "c0": dict(type=float, help="normalisation constant of the guidance step"),
     "window": dict(help="guidance window t_lo,t_hi on the 50-step scale"),
     "candidates": dict(type=common.positive_int, help="kappa candidates per slot (lgd)"),
+    "current_weight": dict(type=float, help="lgd: weight of CE(f_cur), the learnability term; 0 "
+                                            "= teacher guidance alone (-omega CE(f_ref); f_cur "
+                                            "is still trained, saved and scores the images)"),
     "memory": dict(type=common.positive_int, help="deviation memory per class"),
     "eps_const": dict(action="store_true",
                       help="hold eps constant in the guidance gradient (no backward "
@@ -157,8 +160,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("DiT sampling")
     g.add_argument("--sample-steps", type=common.positive_int, default=50,
                    help="DDPM ancestral steps (papers: 50)")
-    g.add_argument("--cfg", type=float, default=4.0,
-                   help="classifier-free guidance scale (papers: 4.0)")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default by --scale: " +
+                        ", ".join(f"{k} {v}" for k, v in dit.CFG.items()) + ")")
     g.add_argument("--sample-batch", type=common.positive_int, default=None,
                    help="samples per forward pass (candidates included); a batch never holds "
                         "two images of one class, and the images do not depend on it. Default "
@@ -460,7 +464,8 @@ def make_lgd(job: Job, k: int) -> dict:
             z = job.prior.encode(common.to_float(x.x)).float()
         return {"x": x.x, "y": x.y, "z": z, "scores": {}}
     current = job.train_guide(k, common.Protocol("hard"), "f_cur", "current.pt")
-    terms = dit.learnability_terms(current, job.teacher, job.settings["omega"])
+    terms = dit.learnability_terms(current, job.teacher, job.settings["omega"],
+                                   job.settings["current_weight"])
     imgs, z, S = job.sample(k, job.guidance(terms), candidates=job.settings["candidates"],
                             score=lambda im, yy: dit.objective(terms, im, yy),
                             desc=f"stage {k + 1} lgd")
@@ -486,8 +491,9 @@ def check_lgd(job: Job):
 
 # init_set dit stays the default: IGD seeding (the paper's) is one flag away, but it has not
 # been measured to give a better set here, and it needs 01 --surrogate
-METHODS["lgd"] = Method(make_lgd, {**GUIDED, "candidates": both(3), "init_folder": both(None),
-                                   "init_set": both("dit")}, check=check_lgd)
+METHODS["lgd"] = Method(make_lgd, {**GUIDED, "candidates": both(3), "current_weight": both(1.0),
+                                   "init_folder": both(None), "init_set": both("dit")},
+                        check=check_lgd)
 
 
 # ------------------------------------------------------------------------------------------
@@ -899,6 +905,8 @@ def plan(args, device, ctx) -> Job:
     teacher = common.load_run_teacher(args.run, info, device).requires_grad_(False)
     prior = dit.load_run_prior(args.run, info, device) if method.uses_prior else None
     scale = common.resolve_scale(args.scale, info.name)
+    if args.cfg is None:  # resolved before config.json records the arguments
+        args.cfg = dit.CFG[scale]
     settings = resolve_settings(args, scale)
     counts = method.stages(args, settings)
     if prior is not None and args.sample_steps > prior.scheduler_config["num_train_timesteps"]:
@@ -928,6 +936,7 @@ def main():
             if args.method == "delt" else {}
         print(json.dumps(common.jsonable({"method": args.method, "scale": job.scale,
                                           "out": job.out, "images_per_stage": job.counts,
+                                          "cfg": args.cfg,
                                           "sample_batch": job.sample_batch,
                                           "checkpointing": job.checkpointing,
                                           "settings": job.settings, **extra})))

@@ -7,7 +7,7 @@ ARGS    ?=
 # default adds per-stage accuracy and acs): ~40 fewer minutes on 2 CPU cores. EVAL_ARGS= restores 03's defaults.
 EVAL_ARGS ?= --soft-methods none --analyses redundancy,diversity --analysis-methods dit,lgd
 
-.PHONY: setup demo teacher distill evaluate timings bench bench-speed bench-gpu bench-eval bench-delt \
+.PHONY: setup demo teacher distill ablation evaluate timings bench bench-speed bench-gpu bench-eval bench-delt \
 	test notebooks clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
@@ -19,9 +19,10 @@ EVAL_ARGS ?= --soft-methods none --analyses redundancy,diversity --analysis-meth
 
 setup: .venv/done
 
-# 01: the teacher, the DiT prior and IGD's surrogate trajectory (--surrogate: igd needs it)
+# 01: the teacher, the DiT prior (a VAE + latent DiT) with its distillability, and IGD's surrogate
+# trajectory (--surrogate: igd needs it)
 teacher: setup
-	$(PY) 01_train_teacher.py --run $(RUN) --surrogate $(ARGS)
+	$(PY) 01_train_teacher.py --run $(RUN) --surrogate --distillability $(ARGS)
 
 # 02: one distilled set per method and IPC (5 stages of IPC/5); finished stages are skipped on rerun
 METHODS ?= random dit lgd acs igd delt
@@ -30,9 +31,18 @@ distill: teacher
 	for i in $(IPCS); do for m in $(METHODS); do \
 	  $(PY) 02_distill_stages.py --run $(RUN) --method $$m --ipc $$i || exit 1; done; done
 
-# 03: evaluates every set under $(RUN)/distilled with the random and full-data baselines
-evaluate: distill
+# the LGD ablation with the learnability term off (--current-weight 0: teacher guidance alone,
+# -omega CE(f_ref)), beside the main sets but outside distilled/, so 03 keeps it out of its analyses
+ablation: distill
+	for i in $(IPCS); do $(PY) 02_distill_stages.py --run $(RUN) --method lgd --ipc $$i \
+	  --current-weight 0 --out $(RUN)/ablations/lgd-teacher-ipc$$i || exit 1; done
+
+# 03: evaluates every set under $(RUN)/distilled with the random and full-data baselines, then the
+# ablation under the same protocol (<run>/eval/ablations; its students share 03's cache)
+evaluate: distill ablation
 	$(PY) 03_evaluate.py --run $(RUN) $(EVAL_ARGS)
+	$(PY) 03_evaluate.py --run $(RUN) --name ablations --baselines none --analyses none \
+	  $(foreach i,$(IPCS),$(RUN)/ablations/lgd-teacher-ipc$(i))
 
 # the main job: every script in order on the embedded MNIST digits, then where its time went
 demo: teacher distill evaluate

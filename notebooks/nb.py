@@ -50,7 +50,7 @@ if os.environ.get("DD_RUN"):
 RUN = S["run"]
 
 # tiny settings for the ci scale: 01 (teacher with BatchNorm for DELT, a small DiT) and 02 per method
-CI_01 = ["--model", "convnet-3-bn", "--epochs", "1", "--dit-steps", "200", "--dit-width", "64", "--dit-depth", "2",
+CI_01 = ["--vae-steps", "50", "--vae-batch", "64", "--model", "convnet-3-bn", "--epochs", "1", "--dit-steps", "200", "--dit-width", "64", "--dit-depth", "2",
          "--dit-ckpt-every", "100", "--samples-per-class", "2", "--sample-steps", "10"]
 CI_02 = {"random": [], "dit": ["--sample-steps", "10"],
          "lgd": ["--sample-steps", "10", "--guide-epochs", "10"],

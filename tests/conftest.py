@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
 # tiny settings for 01: a 1-epoch teacher and a 20-step DiT are enough to test the contracts
-TINY_01 = ["--model", "convnet-1-bn", "--epochs", "1", "--dit-steps", "20", "--dit-width", "64", "--dit-depth", "1",
+TINY_01 = ["--prior", "pixel", "--model", "convnet-1-bn", "--epochs", "1", "--dit-steps", "20", "--dit-width", "64", "--dit-depth", "1",
            "--dit-ckpt-every", "10", "--samples-per-class", "2", "--sample-steps", "4"]
 
 

@@ -130,6 +130,28 @@ def test_02_dit_and_lgd_on_the_latent_prior_same_seed_same_bytes(latent_run, tmp
     assert files(lgd)["stage_02/0/000002.png"] != files(run / "distilled" / "dit-ipc4")["stage_02/0/000002.png"]
 
 
+def test_02_every_other_method_runs_on_the_latent_prior(latent_run, tmp_path):
+    """acs and igd guide through the VAE decoder (latents 4x7x7); random and delt leave the prior
+    unread, so the latent default changes nothing for them but the run they read."""
+    from test_igd import SURROGATE
+    run = tmp_path / "mnist5k"
+    shutil.copytree(latent_run[0], run)
+    p = run_script("01_train_teacher.py", "--run", run, *TINY_LATENT, *SURROGATE)
+    assert "dit: done earlier" in p.stdout and "surrogate: convnet-1" in p.stdout
+    info = common.read_run_info(run)
+    extra = {"acs": GUIDE, "igd": [], "random": [],
+             "delt": ["--iterations", "4", "--round-iterations", "2"]}
+    for method, more in extra.items():
+        run_script("02_distill_stages.py", "--run", run, "--method", method, *TINY_02, *more)
+        out = next((run / "distilled").glob(f"{method}*ipc4"))
+        stages = common.read_stages(out, info)
+        assert [torch.bincount(s.y, minlength=10).tolist() for s in stages] == [[2] * 10] * 2, method
+        if method in ("acs", "igd"):
+            assert torch.load(out / "stage_02" / "latents.pt", weights_only=True).shape == (20, 4, 7, 7)
+            m = json.loads((out / "stage_02" / "manifest.json").read_text())
+            assert len(m["scores"]["ce_reference"]) == 20
+
+
 def test_vae_phase_resumes_after_a_kill_and_a_finished_vae_is_kept(latent_run, tmp_path):
     """Killed mid-VAE, then mid-DiT (the VAE finished), then rerun: the weights of one clean run."""
     from safetensors.torch import load_file
