@@ -94,7 +94,8 @@ METHOD_FLAGS = {
     "lam": dict(type=float, help="lambda, the scale of the learnability / adversarial / "
                                  "influence term (igd: IGD's k)"),
     "omega": dict(type=float, help="weight of the reference CE (LGD omega, ACS omega_v)"),
-    "gamma": dict(type=float, help="deviation (diversity) scale; 0 = off"),
+    "gamma": dict(type=float, help="deviation (diversity) scale; 0 = off; None = the paper's "
+                                   "gamma x D / 4096 for the prior's latent size D"),
     "c0": dict(type=float, help="normalisation constant of the guidance step"),
     "window": dict(help="guidance window t_lo,t_hi on the 50-step scale"),
     "candidates": dict(type=common.positive_int, help="kappa candidates per slot (lgd)"),
@@ -412,8 +413,9 @@ GUIDED = {  # the guided-sampling defaults lgd and acs share (paper: a latent Di
     "lam": both(15.0),  # lambda (LGD paper)
     "omega": both(0.5),  # weight of CE(f_ref) (LGD paper)
     # deviation: LGD paper 50 on 4x32x32 latents; the push per element scales like gamma / D,
-    # so 50 * 784 / 4096 ~ 10 on 28x28 pixels (at 50 samples left the data: teacher acc 10 %)
-    "gamma": {"paper": 50.0, "small": 10.0},
+    # so small = paper x D / 4096 for the prior's latent size D (resolved by deviation_scale):
+    # 2.39 on the default 4x7x7 latents, 9.57 on 28x28 pixels (at 50 they left the data)
+    "gamma": {"paper": 50.0, "small": None},
     "c0": both(0.0015),  # IGD's normalisation constant
     "window": both("10,45"),  # of 50 steps (LGD paper)
     "memory": both(64),  # IGD's FIFO length per class
@@ -435,7 +437,16 @@ def parse_window(s: str) -> tuple:
     return lo, hi
 
 
+def deviation_scale(job: Job, s: dict, method: str) -> None:
+    """gamma None (the small column) = the method's paper gamma x D / 4096, D the prior's latent
+    size: the same push per latent element as the paper's on DiT-XL/2's 4x32x32 latents."""
+    if s["gamma"] is None:
+        d = math.prod(job.prior.latent_shape)
+        s["gamma"] = round(METHODS[method].defaults["gamma"]["paper"] * d / 4096, 2)
+
+
 def check_guided(job: Job):
+    deviation_scale(job, job.settings, job.args.method)
     job.settings["window"] = parse_window(job.settings["window"])
     common.check_model(job.settings["guide_model"], job.info)
 
@@ -558,6 +569,7 @@ def surrogate_checkpoints(run: Path) -> dict:
 def igd_settings(job: Job, s: dict) -> dict:
     """igd's settings checked and resolved: the window as numbers, the trajectory as epochs."""
     s["window"] = parse_window(s["window"]) if isinstance(s["window"], str) else s["window"]
+    deviation_scale(job, s, "igd")
     found = surrogate_checkpoints(job.args.run)
     if s["trajectory"] == "all":
         epochs = sorted(found)
@@ -662,9 +674,9 @@ METHODS["igd"] = Method(make_igd, check=check_igd, defaults={
     # paper: IGD's released scripts (ImageWoof's gamma); small: the pixel DiT on 28x28 digits
     "lam": both(5.0),  # k, the influence scale (IGD)
     # deviation: 120 in IGD's ImageWoof scripts on 4x32x32 latents. gamma multiplies the raw
-    # gradient of a cosine, whose push per element shrinks like 1/D, so it is rescaled as lgd's
-    # 50 -> 10: 120 * 784 / 4096 ~ 23 on 28x28 pixels (not tuned on the digits)
-    "gamma": {"paper": 120.0, "small": 23.0},
+    # gradient of a cosine, whose push per element shrinks like 1/D, so small is rescaled as
+    # lgd's (deviation_scale): 120 x 196 / 4096 = 5.74 on 4x7x7 latents (not tuned on the digits)
+    "gamma": {"paper": 120.0, "small": None},
     "c0": both(0.0015),  # IGD's normalisation constant
     "window": both("30,45"),  # of 50 steps (IGD)
     "memory": both(64),  # IGD's FIFO length per class

@@ -148,6 +148,8 @@ def test_02_every_other_method_runs_on_the_latent_prior(latent_run, tmp_path):
         assert [torch.bincount(s.y, minlength=10).tolist() for s in stages] == [[2] * 10] * 2, method
         if method in ("acs", "igd"):
             assert torch.load(out / "stage_02" / "latents.pt", weights_only=True).shape == (20, 4, 7, 7)
+            gamma = json.loads((out / "config.json").read_text())["derived"]["settings"]["gamma"]
+            assert gamma == {"acs": 2.39, "igd": 5.74}[method]  # the paper's x 196 / 4096
             m = json.loads((out / "stage_02" / "manifest.json").read_text())
             assert len(m["scores"]["ce_reference"]) == 20
 
