@@ -77,7 +77,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("DiT prior")
     g.add_argument("--dit", default=None, help="pretrained diffusers DiT pipeline (hub name or folder); "
                    "default: train a small DiT (--prior)")
-    g.add_argument("--prior", default="latent", choices=["pixel", "latent"],
+    g.add_argument("--prior", default=None, choices=["pixel", "latent"],
                    help="the small DiT trained without --dit: 'pixel' acts on pixels; 'latent' is the "
                         "papers' architecture in miniature, an AutoencoderKL trained here (28 px -> "
                         "4x7x7) and a DiT on its scaled latents")
@@ -111,6 +111,8 @@ def parse_args(argv=None):
                         "and on random real subsets of the same size (costs student training)")
     args = p.parse_args(argv)
     args.run = args.run or default_run(args.dataset)
+    if args.prior is None:  # a pretrained --dit trains nothing; else the latent miniature
+        args.prior = "pixel" if args.dit is not None else "latent"
     if args.dit_patch is None:
         args.dit_patch = 4 if args.prior == "pixel" else 1
     return args
@@ -581,8 +583,8 @@ def main():
     if args.teacher is not None:
         common.load_classifier(args.teacher, info, "cpu")
     if args.dit is not None and args.prior != "pixel":
-        raise common.UserError("--prior latent trains its own VAE and DiT; leave out --dit, or "
-                               "--prior to use a pretrained pipeline")
+        raise common.UserError("--prior latent trains its own VAE and DiT; leave out --prior to "
+                               "use the pretrained pipeline of --dit")
     if args.dit is None:
         make = dit.make_pixel_dit if args.prior == "pixel" else dit.make_latent_dit
         make(info, args.dit_width, args.dit_depth, args.dit_patch)

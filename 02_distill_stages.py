@@ -94,8 +94,8 @@ METHOD_FLAGS = {
     "lam": dict(type=float, help="lambda, the scale of the learnability / adversarial / "
                                  "influence term (igd: IGD's k)"),
     "omega": dict(type=float, help="weight of the reference CE (LGD omega, ACS omega_v)"),
-    "gamma": dict(type=float, help="deviation (diversity) scale; 0 = off; None = the paper's "
-                                   "gamma x D / 4096 for the prior's latent size D"),
+    "gamma": dict(type=float, help="deviation (diversity) scale; 0 = off; the small column is "
+                                   "the paper's gamma x D / 4096, D = the prior's latent size"),
     "c0": dict(type=float, help="normalisation constant of the guidance step"),
     "window": dict(help="guidance window t_lo,t_hi on the 50-step scale"),
     "candidates": dict(type=common.positive_int, help="kappa candidates per slot (lgd)"),
@@ -176,7 +176,8 @@ def parse_args(argv=None):
     for flag, kw in METHOD_FLAGS.items():
         users = {m: spec.defaults[flag] for m, spec in METHODS.items() if flag in spec.defaults}
         shown = "; ".join(f"{m}: {d['paper']}" if d["paper"] == d["small"] else
-                          f"{m}: paper {d['paper']}, small {d['small']}"
+                          f"{m}: paper {d['paper']}, small "
+                          f"{'paper x D/4096' if d['small'] is None else d['small']}"
                           for m, d in users.items())
         # SUPPRESS: an unset flag is absent from args, so a flag given to the wrong method shows
         g.add_argument("--" + flag.replace("_", "-"), default=argparse.SUPPRESS,
@@ -489,6 +490,9 @@ def make_lgd(job: Job, k: int) -> dict:
 
 def check_lgd(job: Job):
     check_guided(job)
+    if job.settings["current_weight"] == 0 and job.settings["omega"] == 0:
+        raise common.UserError("--current-weight 0 with --omega 0 leaves lgd no guidance term; "
+                               "that is plain sampling: use --method dit")
     if job.settings["init_set"] == "igd":
         if job.settings["init_folder"] is not None:
             raise common.UserError("--init-set igd and --init-folder both name the first "
@@ -671,7 +675,7 @@ def check_igd(job: Job):
 
 
 METHODS["igd"] = Method(make_igd, check=check_igd, defaults={
-    # paper: IGD's released scripts (ImageWoof's gamma); small: the pixel DiT on 28x28 digits
+    # paper: IGD's released scripts (ImageWoof's gamma); small: the miniature DiT of 01
     "lam": both(5.0),  # k, the influence scale (IGD)
     # deviation: 120 in IGD's ImageWoof scripts on 4x32x32 latents. gamma multiplies the raw
     # gradient of a cosine, whose push per element shrinks like 1/D, so small is rescaled as
@@ -961,7 +965,8 @@ def main():
         # trades memory for compute: rerunning with another (after running out of memory,
         # say) resumes instead of asking for --overwrite
         common.prepare_folder(job.out, cfg_args, args.overwrite, "distilled set",
-                              ignore=("sample_batch", "checkpointing"))
+                              ignore=("sample_batch", "checkpointing") +
+                              (() if METHODS[args.method].uses_prior else ("cfg",)))
         derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
                    "defaults": METHODS[args.method].defaults, "sample_batch": job.sample_batch,
                    "checkpointing": job.checkpointing, "processes": r.world}

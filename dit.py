@@ -74,7 +74,7 @@ def make_latent_dit(info: C.DatasetInfo, width=128, depth=4, patch=1, head_dim=3
         norm_num_groups=1)
 
 
-def make_vae(info: C.DatasetInfo, blocks=(32, 64, 64), latent_channels=4):
+def make_vae(info: C.DatasetInfo, blocks=(16, 32, 32), latent_channels=4):
     """The papers' AutoencoderKL in miniature: image channels -> 4 latent channels, one
     downsampling per block but the last (28 px -> 4x7x7 with three blocks), one layer each."""
     from diffusers import AutoencoderKL

@@ -10,6 +10,7 @@ DD_RUN overrides the run folder of either scale. Nothing here is specific to one
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -117,6 +118,9 @@ def ablation(name: str, method: str, ipc: int, *flags) -> Path:
 
 def ensure_run():
     """The run of 01: built here at the ci scale, required (from `make demo`) at the small scale."""
+    if SCALE == "ci" and (RUN / "dit" / "config.json").exists() and \
+            C.read_json(RUN / "dit" / "config.json")["args"].get("prior", "pixel") != "latent":
+        shutil.rmtree(RUN)  # a ci run of the pixel default (before issue 13): rebuilt on today's
     if (RUN / "teacher" / "metrics.json").exists() and (RUN / "dit" / "metrics.json").exists():
         return
     if SCALE != "ci":

@@ -50,7 +50,7 @@ def test_rerun_skips_finished_work_and_rejects_other_settings(tiny_run):
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     """Killing 01 mid-teacher and mid-DiT, then rerunning, gives the weights of an uninterrupted run."""
     from safetensors.torch import load_file
-    args = ["--model", "convnet-1-bn", "--epochs", "3", "--dit-steps", "60", "--dit-width", "32",
+    args = ["--prior", "pixel", "--model", "convnet-1-bn", "--epochs", "3", "--dit-steps", "60", "--dit-width", "32",
             "--dit-depth", "1", "--dit-ckpt-every", "10", "--samples-per-class", "1", "--sample-steps", "2"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     run_script("01_train_teacher.py", "--run", ref, *args)

@@ -164,7 +164,7 @@ def test_second_writer_ends_at_once_and_a_killed_ones_lock_does_not_block(run, t
                                                                            script):
     if script == "01_train_teacher.py":
         target = tmp_path / "run01"
-        args = ["--run", target, "--model", "convnet-1-bn", "--epochs", "1", "--dit-steps", "4",
+        args = ["--run", target, "--prior", "pixel", "--model", "convnet-1-bn", "--epochs", "1", "--dit-steps", "4",
                 "--dit-width", "32", "--dit-depth", "1", "--samples-per-class", "1",
                 "--sample-steps", "2"]
         marker = target / "teacher" / "config.json"

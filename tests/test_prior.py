@@ -197,4 +197,5 @@ def test_bad_prior_inputs_give_one_line(tmp_path):
     assert_user_error(run_script("01_train_teacher.py", "--run", r, "--prior", "latent", "--dit", tmp_path,
                                  check=False), "--prior latent")
     assert not r.exists()
-    assert train01.parse_args([]).dit_patch == 4 and train01.parse_args(["--prior", "latent"]).dit_patch == 1
+    assert train01.parse_args(["--prior", "pixel"]).dit_patch == 4 and train01.parse_args([]).dit_patch == 1
+    assert train01.parse_args([]).prior == "latent" and train01.parse_args(["--dit", "x"]).prior == "pixel"
