@@ -13,8 +13,8 @@ IGD 34 p + 16 g (measured on the README's IPC-10 run, load 1.6: lgd 2.8x plain, 
 Prints the ratios to plain sampling, with the load average (the machine is shared).
 
 With --run: that run's prior, teacher (f_ref) and, if 01 --surrogate made one, its trajectory.
-Without: the mnist5k digits and randomly initialised models of the small defaults (a pixel DiT
-of 01's default size, convnet-3 f_cur / f_ref, four convnet-2 checkpoints): the cost of a
+Without: the mnist5k digits and randomly initialised models (the pixel DiT of `01 --prior pixel`,
+no VAE; convnet-3 f_cur / f_ref, four convnet-2 checkpoints): the cost of a
 forward or backward pass does not depend on the weights. Writes nothing.
   python benchmarks/bench_igd.py                     # ~2 min at load 7 on 2 cores
   python benchmarks/bench_igd.py --run runs/mnist5k

@@ -19,8 +19,9 @@ FLOPs come from torch.utils.flop_counter.FlopCounterMode (CPU attention added by
 formula); the fraction is achieved FLOP/s over the peak measured above.
 
 The DiT and the models are the run's (--run) when it exists, else randomly initialised ones of
-the same shapes (the embedded prior: pixel DiT width 128, depth 4, patch 4 on 28x28, 10
-classes), so nothing is downloaded; their speed does not depend on their weights.
+the same shapes (without a run: the pixel DiT of `01 --prior pixel`, width 128, depth 4, patch 4
+on 28x28, 10 classes; the default latent prior adds a VAE decode to every step and is measured
+with --run), so nothing is downloaded; their speed does not depend on their weights.
 Usage: .venv/bin/python benchmarks/bench_speed.py [--run runs/mnist5k] [--threads N]
 (`make bench-speed`, the first part of `make bench`; ~5 min alone on 2 cores, 25 min at load 8)
 """
