@@ -493,7 +493,8 @@ def distillability(samples, info, train, test, args, device, ctx, ipc=10, seeds=
             common.fit(model, data.to(device), info, proto, epochs=epochs, seed=seed, ctx=ctx,
                        desc=f"distillability {name} seed {seed}", progress=False)
             accs.append(common.accuracy(model, test, ctx))
-        out[name] = {"mean": statistics.mean(accs), "std": statistics.pstdev(accs), "seeds": accs}
+        out[name] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "seeds": accs}  # the sample std (n - 1), as 03
     out["gap"] = out["samples"]["mean"] - out["random_real"]["mean"]
     return out
 
