@@ -510,14 +510,25 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained, timings, test=
                      vae_width=args.vae_width)
     if args.distillability:
         dargs.update(distillability=True)
-    common.prepare_folder(folder, dargs, args.overwrite, "DiT")
-    if (folder / "metrics.json").exists():
-        print(f"dit: done earlier (sample accuracy {common.read_json(folder / 'metrics.json')['sample_acc']:.1f} %), "
-              f"skipping")
+    # --cfg and --distillability choose what is measured on the prior, not the prior itself: a
+    # finished prior measured at another CFG (or without distillability) is measured again
+    common.prepare_folder(folder, dargs, args.overwrite, "DiT", ignore=("cfg", "distillability"))
+    done = common.read_json(folder / "metrics.json") if (folder / "metrics.json").exists() else None
+    if done is not None and done["cfg"] == args.cfg and (
+            "distillability" in done or not args.distillability):
+        print(f"dit: done earlier (sample accuracy {done['sample_acc']:.1f} %), skipping")
         timings.add("01/prior", 0.0, 0.0, skipped=True)
         timings.add("01/sample check", 0.0, 0.0, skipped=True)
         return
     common.write_config(folder, dargs, {"pretrained": args.dit is not None}, device, ctx)
+    if done is not None:
+        print(f"dit: trained earlier; measuring it again at CFG {args.cfg} (metrics.json holds CFG "
+              f"{done['cfg']}{'' if 'distillability' in done else ' without distillability'})")
+        timings.add("01/prior", 0.0, 0.0, skipped=True)
+        prior = pretrained if args.dit is not None else dit.load_prior(folder, info, device)
+        keep = ("parameters", "train_s", "curve", "prior", "vae")
+        return measure_dit(args, info, train, test, device, ctx, teacher, prior, timings,
+                           {k: done[k] for k in keep if k in done})
     vae, extra = None, {}
     if args.dit is None and args.prior == "latent":
         with timings.phase("01/vae") as phase:
@@ -535,7 +546,14 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained, timings, test=
             prior = pretrained
             common.write_json(folder / "source.json", {"dit": str(args.dit)})
             curve, n_par = [], sum(p.numel() for p in prior.transformer.parameters())
-    train_s = time.time() - t0
+    extra.update(parameters=n_par, train_s=time.time() - t0, curve=curve)
+    measure_dit(args, info, train, test, device, ctx, teacher, prior, timings, extra)
+
+
+def measure_dit(args, info, train, test, device, ctx, teacher, prior, timings, extra: dict):
+    """The sample check (teacher accuracy on --samples-per-class CFG samples per class, the grid)
+    and, with --distillability, the student accuracy of the first 10 per class; metrics.json last."""
+    folder = args.run / "dit"
     t1 = time.time()
     with timings.phase("01/sample check") as phase:
         acc, per, imgs = sample_accuracy(prior, teacher, info, args.samples_per_class, args, device,
@@ -563,11 +581,11 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained, timings, test=
               f"3 seeds)")
     common.write_json(folder / "metrics.json", {
         "sample_acc": acc, "sample_acc_per_class": per, "samples_per_class": args.samples_per_class,
-        "sample_steps": args.sample_steps, "cfg": args.cfg, "parameters": n_par, "train_s": train_s,
-        "sample_s": sample_s, "sample_s_per_image": sample_s / len(imgs), "curve": curve, **extra})
+        "sample_steps": args.sample_steps, "cfg": args.cfg, "sample_s": sample_s,
+        "sample_s_per_image": sample_s / len(imgs), **extra})
     (folder / "train_state.pt").unlink(missing_ok=True)
     print(f"dit: sample accuracy {acc:.1f} % (teacher top-1 on {args.samples_per_class} CFG-{args.cfg} samples "
-          f"per class, {args.sample_steps} DDPM steps); train {train_s:.0f} s, sampling {sample_s:.0f} s")
+          f"per class, {args.sample_steps} DDPM steps); train {extra['train_s']:.0f} s, sampling {sample_s:.0f} s")
 
 
 def main():

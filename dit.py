@@ -38,7 +38,7 @@ import common as C
 # The classifier-free guidance scale of every sampler, by --scale. paper: DiT-XL/2's 4.0, as in
 # the papers; small: chosen by the distillability of 01's default latent prior (README, the tries
 # of the embedded default: plain samples at CFG 4 lose diversity and student accuracy)
-CFG = {"paper": 4.0, "small": 2.0}
+CFG = {"paper": 4.0, "small": 1.0}
 
 
 def make_pixel_dit(info: C.DatasetInfo, width=128, depth=4, patch=4, head_dim=32):
@@ -172,16 +172,20 @@ class Prior:
     def eps(self, x, t, y_dit, cfg: float, sched):
         """CFG-combined eps (B, C, H, W) and the model's variance channels (or None)."""
         B, C_ = x.shape[0], x.shape[1]
+        both = cfg != 1.0  # CFG 1 is the conditional prediction alone: no null-label rows
         null = torch.full_like(y_dit, self.num_labels)
-        xx = torch.cat([x, x])  # (2B, C, H, W): conditional rows, then null-label rows
-        tt = torch.full((2 * B,), int(t), device=x.device, dtype=torch.long)
+        xx = torch.cat([x, x]) if both else x  # (2B, C, H, W): conditional rows, then null rows
+        tt = torch.full((len(xx),), int(t), device=x.device, dtype=torch.long)
         # fp32 from here on: under bf16 autocast the CFG difference and x0 = (...) / sqrt(abar)
         # (up to ~70x at the start of the window) would amplify bf16's rounding
-        out = self.transformer(xx, tt, torch.cat([y_dit, null])).sample.float()  # (2B, C|2C, H, W)
+        out = self.transformer(xx, tt, torch.cat([y_dit, null]) if both else y_dit
+                               ).sample.float()  # (2B or B, C|2C, H, W)
         out, var = out[:, :C_], (out[:, C_:2 * C_][:B] if self.learned_sigma else None)
         if self.scheduler_config.get("prediction_type") == "v_prediction":
             a = sched.alphas_cumprod[int(t)].to(x.device)
             out = a.sqrt() * out + (1 - a).sqrt() * xx.float()  # eps = sqrt(abar) v + ...x_t
+        if not both:
+            return out, var
         cond, uncond = out[:B], out[B:]
         return uncond + cfg * (cond - uncond), var
 

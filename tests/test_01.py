@@ -47,6 +47,23 @@ def test_rerun_skips_finished_work_and_rejects_other_settings(tiny_run):
                       "other settings", "--overwrite")
 
 
+def test_another_cfg_measures_the_finished_prior_again_without_training(tiny_run, tmp_path):
+    """--cfg only chooses what 01 measures: the DiT stays, the sample check is redone at the new CFG."""
+    import shutil
+    run = tmp_path / "mnist5k"
+    shutil.copytree(tiny_run[0], run)
+    weights = (run / "dit" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    before = json.loads((run / "dit" / "metrics.json").read_text())
+    p = run_script("01_train_teacher.py", "--run", run, *TINY_01, "--cfg", "1.5")
+    assert "measuring it again at CFG 1.5" in p.stdout and "dit: resuming" not in p.stdout
+    m = json.loads((run / "dit" / "metrics.json").read_text())
+    assert m["cfg"] == 1.5 != before["cfg"] and m["train_s"] == before["train_s"]
+    assert (run / "dit" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    assert json.loads((run / "dit" / "config.json").read_text())["args"]["cfg"] == 1.5
+    p = run_script("01_train_teacher.py", "--run", run, *TINY_01, "--cfg", "1.5")
+    assert "dit: done earlier" in p.stdout
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     """Killing 01 mid-teacher and mid-DiT, then rerunning, gives the weights of an uninterrupted run."""
     from safetensors.torch import load_file

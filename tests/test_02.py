@@ -112,11 +112,11 @@ def test_out_writes_an_ablation_elsewhere(run, tmp_path):
     if not main.exists():
         distill(run, "dit")
     before = sorted(p.name for p in (run / "distilled").iterdir())
-    distill(run, "dit", "--out", tmp_path / "abl" / "dit-cfg1-ipc4", "--cfg", "1")
-    abl = files(tmp_path / "abl" / "dit-cfg1-ipc4")
+    distill(run, "dit", "--out", tmp_path / "abl" / "dit-cfg3-ipc4", "--cfg", "3")
+    abl = files(tmp_path / "abl" / "dit-cfg3-ipc4")
     assert len([k for k in abl if k.endswith(".png")]) == 40
     assert sorted(p.name for p in (run / "distilled").iterdir()) == before  # the main sets are left alone
-    assert abl["stage_01/0/000000.png"] != files(main)["stage_01/0/000000.png"]  # cfg 1 vs 2, same noise
+    assert abl["stage_01/0/000000.png"] != files(main)["stage_01/0/000000.png"]  # cfg 3 vs 1, same noise
 
 
 def test_killed_mid_stage_then_rerun_equals_uninterrupted(run, tmp_path):

@@ -67,7 +67,8 @@ class StubDiT(torch.nn.Module):
         from types import SimpleNamespace
         self.seen = labels.clone()
         a = self.abar[t].view(-1, 1, 1, 1)
-        eps = torch.where((labels == 10).view(-1, 1, 1, 1), self.eps_u.repeat(2, 1, 1, 1), self.eps_c.repeat(2, 1, 1, 1))
+        r = len(labels) // len(self.eps_c)  # 2 with the null-label rows, 1 without
+        eps = torch.where((labels == 10).view(-1, 1, 1, 1), self.eps_u.repeat(r, 1, 1, 1), self.eps_c.repeat(r, 1, 1, 1))
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         return SimpleNamespace(sample=a.sqrt() * eps - (1 - a).sqrt() * x0)
 
@@ -86,10 +87,11 @@ def test_v_to_eps_and_cfg_combination_are_exact():
     y = torch.tensor([1, 2, 3])
     eps1, var = prior.eps(xt, t, y, 1.0, sched)
     assert var is None and torch.allclose(eps1, eps_c, atol=1e-4)
-    # the second half of the batch carries the null label read from the model (10 here)
-    assert stub.seen.tolist() == [1, 2, 3, 10, 10, 10]
+    assert stub.seen.tolist() == [1, 2, 3]  # CFG 1 = the conditional prediction: no null rows
     eps0, _ = prior.eps(xt, t, y, 0.0, sched)
     assert torch.allclose(eps0, eps_u, atol=1e-4)
+    # the second half of the batch carries the null label read from the model (10 here)
+    assert stub.seen.tolist() == [1, 2, 3, 10, 10, 10]
     eps4, _ = prior.eps(xt, t, y, 4.0, sched)
     assert torch.allclose(eps4, eps_u + 4 * (eps_c - eps_u), atol=1e-3)
 
