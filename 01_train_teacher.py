@@ -13,7 +13,7 @@ Writes: <run>/
             epoch_XXX.pt          the kept checkpoints (epoch_000 = the initialisation)
             metrics.json          test accuracy of every kept checkpoint, wall time (written last)
           dit/config.json
-          dit/transformer/ dit/scheduler/   the trained pixel DiT (save_pretrained); with
+          dit/transformer/ dit/scheduler/   the trained DiT (save_pretrained); with the default
                                   --prior latent also dit/vae/ (the AutoencoderKL trained here)
                                   and dit/vae_metrics.json (reconstruction MSE, scaling factor,
                                   steps, wall time): a diffusers pipeline folder; or
@@ -25,8 +25,8 @@ Writes: <run>/
         trained again.
 
 Examples:
-  python 01_train_teacher.py                       # CPU, embedded MNIST digits, ~26 min on 2 cores
-  python 01_train_teacher.py --prior latent        # the papers' VAE + latent DiT, in miniature
+  python 01_train_teacher.py                       # CPU, embedded digits: VAE + latent DiT, ~30 min
+  python 01_train_teacher.py --prior pixel         # a DiT on pixels instead (no VAE)
   python 01_train_teacher.py --dataset imagenette --data-root data/imagenette2 --size 256 \
       --model resnet18 --epochs 100 --dit facebook/DiT-XL-2-256 --run runs/imagenette
   python 01_train_teacher.py --surrogate             # adds IGD's surrogate trajectory to the run
