@@ -19,9 +19,9 @@ FLOPs come from torch.utils.flop_counter.FlopCounterMode (CPU attention added by
 formula); the fraction is achieved FLOP/s over the peak measured above.
 
 The DiT and the models are the run's (--run) when it exists, else randomly initialised ones of
-the same shapes (without a run: the pixel DiT of `01 --prior pixel`, width 128, depth 4, patch 4
-on 28x28, 10 classes; the default latent prior adds a VAE decode to every step and is measured
-with --run), so nothing is downloaded; their speed does not depend on their weights.
+the same shapes (without a run: 01's default prior, a VAE with blocks 16/32/32 from 28 px to
+4x7x7 latents and a latent DiT of width 128, depth 4, patch 1, 10 classes, whose guided steps
+decode through the VAE), so nothing is downloaded; their speed does not depend on their weights.
 Usage: .venv/bin/python benchmarks/bench_speed.py [--run runs/mnist5k] [--threads N]
 (`make bench-speed`, the first part of `make bench`; ~5 min alone on 2 cores, 25 min at load 8)
 """
@@ -120,8 +120,11 @@ def models(run: Path | None):
     else:
         info = C.DatasetInfo("mnist5k", 1, 28, (0.1307,), (0.3081,),
                              [str(c) for c in range(10)], flip=False)
-        prior = dit.Prior(dit.make_pixel_dit(info, 128, 4, 4),
-                          dict(dit.make_train_scheduler().config), info)
+        # 01's default prior: a VAE (blocks 16/32/32, 28 px -> 4x7x7) + a patch-1 latent DiT
+        vae = dit.make_vae(info)
+        vae.register_to_config(scaling_factor=1.0)
+        prior = dit.Prior(dit.make_latent_dit(info, 128, 4, 1),
+                          dict(dit.make_train_scheduler().config), info, vae)
         teacher = C.build_model("convnet-3-bn", info).eval()
         source = "random initialisation (no finished run given)"
     current = C.build_model("convnet-3", info).eval()  # f_cur: its cost, not its weights
