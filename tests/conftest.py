@@ -17,6 +17,14 @@ TINY_01 = ["--prior", "pixel", "--model", "convnet-1-bn", "--epochs", "1", "--di
            "--dit-ckpt-every", "10", "--samples-per-class", "2", "--sample-steps", "4"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the tests and the notebooks in one pytest-xdist session (whole files per
+    worker). overview.ipynb builds the shared ci run the other notebooks read (01, every set,
+    03): it goes first, so that it runs beside the tests instead of after them."""
+    first = [i for i in items if i.nodeid.startswith("notebooks/overview.ipynb")]
+    items[:] = first + [i for i in items if not i.nodeid.startswith("notebooks/overview.ipynb")]
+
+
 def run_script(script, *args, check=True):
     """Run one of the numbered scripts as a user would; returns the CompletedProcess."""
     p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
