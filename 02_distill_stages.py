@@ -917,14 +917,15 @@ def plan(args, device, ctx) -> Job:
     """Read the run, resolve the settings and check every input before anything is written."""
     info = common.read_run_info(args.run)
     method = METHODS[args.method]
-    # the reference model is frozen: guidance needs its gradients with respect to images only
-    teacher = common.load_run_teacher(args.run, info, device).requires_grad_(False)
-    prior = dit.load_run_prior(args.run, info, device) if method.uses_prior else None
+    # the flags alone first: a mistake in them is reported before seconds of loading models
     scale = common.resolve_scale(args.scale, info.name)
     if args.cfg is None:  # resolved before config.json records the arguments
         args.cfg = dit.CFG[scale]
     settings = resolve_settings(args, scale)
     counts = method.stages(args, settings)
+    # the reference model is frozen: guidance needs its gradients with respect to images only
+    teacher = common.load_run_teacher(args.run, info, device).requires_grad_(False)
+    prior = dit.load_run_prior(args.run, info, device) if method.uses_prior else None
     if prior is not None and args.sample_steps > prior.scheduler_config["num_train_timesteps"]:
         raise common.UserError(f"--sample-steps {args.sample_steps} exceeds the DiT's training "
                                f"steps")

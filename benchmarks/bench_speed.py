@@ -5,7 +5,8 @@ The machine is shared and noisy, so only figures taken in the same run are compa
 (a large fp32 matmul, a 128-channel 3x3 conv forward + backward) and each pair of loops.
 
 Sampling (plain CFG and learnability-guided, 50 DDPM steps, CFG 4, window [10, 45] of 50):
-  ours       dit.sample: every image of a batch in one forward pass per step
+  ours       dit.sample as 02 calls it: one image of every class per batch (02 never puts a
+             class twice in a batch), every row of a batch in one forward pass per step
   reference  the loop of the IGD/LGD code bases re-implemented here: one image per class at a
              time, a batch of 2 rows (conditional and null label) for CFG, fp32, the same
              steps and the same guidance work per image (S = CE(f_cur) - 0.5 CE(f_ref) raised
@@ -176,7 +177,10 @@ def sampling(prior, teacher, current, n_ours: int, n_ref: int, steps: int, peak:
     info = prior.info
     terms = dit.learnability_terms(current, teacher, 0.5)
     k = info.num_classes
-    y_ours = torch.arange(k).repeat_interleave(max(1, n_ours // k))[:n_ours]
+    # slot-major (one image of every class, then the next) as 02 orders them: dit.sample's batches
+    # then hold one image per class, as 02's do (a class never twice in a batch)
+    y_ours = torch.arange(k).repeat(max(1, n_ours // k))[:n_ours]
+    n_batches = len(dit.batches(y_ours, len(y_ours)))
     labels_ref = [c % k for c in range(n_ref)]  # one image per class at a time
     window = dit.Guidance().window
     lo, hi = (round(w * steps / 50) for w in window)
@@ -216,7 +220,8 @@ def sampling(prior, teacher, current, n_ours: int, n_ref: int, steps: int, peak:
         load2 = load()
         ips_ours, ips_ref = len(y_ours) / s_ours, n_ref / s_ref
         results[name] = (ips_ours, ips_ref)
-        print(f"  {name:6s} ours      {ips_ours:7.2f} img/s  ({len(y_ours)} images in one batch, "
+        print(f"  {name:6s} ours      {ips_ours:7.2f} img/s  ({len(y_ours)} images in {n_batches} "
+              f"batch(es) of one image per class, "
               f"{s_ours:.1f} s; {load0} -> {load1})")
         print(f"  {name:6s} reference {ips_ref:7.2f} img/s  ({n_ref} images one at a time, "
               f"{s_ref:.1f} s; -> {load2})")
