@@ -17,19 +17,12 @@ TINY_01 = ["--prior", "pixel", "--model", "convnet-1-bn", "--epochs", "1", "--di
            "--dit-ckpt-every", "10", "--samples-per-class", "2", "--sample-steps", "4"]
 
 
-# `make test` runs the tests and the notebooks in one pytest-xdist session, whole files per worker.
-# overview.ipynb leads: it builds the ci run the other notebooks read (01, every set, 03), beside
-# the tests instead of after them. Then the longest test files (pytest --durations, README "make
-# test's time"), the other notebooks, and the short files last, so that the two workers end together.
-FIRST = ["notebooks/overview.ipynb", "tests/test_02.py", "tests/test_parallel.py", "tests/test_03.py",
-         "tests/test_prior.py", "tests/test_01.py", "tests/test_igd.py", "tests/test_delt.py",
-         "tests/test_benchmarks.py", "tests/test_paper_scale.py", "tests/test_bench_gpu.py", "notebooks/"]
-
-
 def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        return next((i for i, p in enumerate(FIRST) if item.nodeid.startswith(p)), len(FIRST))
-    items.sort(key=rank)  # stable: within a rank, pytest's order
+    """`make test` runs the tests and the notebooks in one pytest-xdist session (whole files per
+    worker). overview.ipynb builds the shared ci run the other notebooks read (01, every set,
+    03): it goes first, so that it runs beside the tests instead of after them."""
+    first = [i for i in items if i.nodeid.startswith("notebooks/overview.ipynb")]
+    items[:] = first + [i for i in items if not i.nodeid.startswith("notebooks/overview.ipynb")]
 
 
 def run_script(script, *args, check=True):
