@@ -9,13 +9,13 @@ Two scales, chosen by the environment variable DD_NB_SCALE:
 DD_RUN overrides the run folder of either scale. Nothing here is specific to one notebook.
 """
 import fcntl
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,23 +64,24 @@ CI_02 = {"random": [], "dit": ["--sample-steps", "10"],
 _building_depth = 0
 
 
-@contextmanager
-def _building():
+def _one_builder(fn):
     """One notebook at a time makes outputs in the run: `make test` executes notebooks side by side
     (pytest-xdist), they share one ci run, and each script allows one writer per folder. A second
     notebook waits here until the first has made (or found) what it needs, then finds it made."""
-    global _building_depth
-    if _building_depth:  # re-entered (distilled -> ensure_run): this process holds the lock already
-        yield
-        return
-    RUN.parent.mkdir(parents=True, exist_ok=True)
-    with open(RUN.parent / f".{RUN.name}.notebooks.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        _building_depth += 1
-        try:
-            yield
-        finally:
-            _building_depth -= 1
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _building_depth
+        if _building_depth:  # re-entered (distilled -> ensure_run): this process holds the lock
+            return fn(*args, **kwargs)
+        RUN.parent.mkdir(parents=True, exist_ok=True)
+        with open(RUN.parent / f".{RUN.name}.notebooks.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            _building_depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _building_depth -= 1
+    return wrapper
 
 
 def script(name: str, *args, quiet=False) -> str:
@@ -113,61 +114,61 @@ def _finished(folder: Path) -> bool:
     return all((folder / f"stage_{i + 1:02d}" / "manifest.json").exists() for i in range(k))
 
 
+@_one_builder
 def distilled(method: str, ipc: int | None = None, name: str | None = None) -> Path:
     """The folder of a main set of `make demo` (made here at the ci scale)."""
-    with _building():
-        ipc = ipc or S["ipc"]
-        folder = RUN / "distilled" / (name or f"{method}-ipc{ipc}")
-        if SCALE == "ci":
-            ensure_run()
-            if not _finished(folder):
-                script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, *CI_02[method])
-        elif not _finished(folder):
-            raise FileNotFoundError(f"{folder} is missing or unfinished: run `make demo` first (or set DD_RUN)")
-        return folder
+    ipc = ipc or S["ipc"]
+    folder = RUN / "distilled" / (name or f"{method}-ipc{ipc}")
+    if SCALE == "ci":
+        ensure_run()
+        if not _finished(folder):
+            script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, *CI_02[method])
+    elif not _finished(folder):
+        raise FileNotFoundError(f"{folder} is missing or unfinished: run `make demo` first (or set DD_RUN)")
+    return folder
 
 
+@_one_builder
 def ablation(name: str, method: str, ipc: int, *flags) -> Path:
     """A variant of a method (e.g. omega = 0) in <run>/ablations/<name>; made on first use, then reused."""
-    with _building():
-        folder = RUN / "ablations" / name
-        if not _finished(folder):
-            ensure_run()
-            extra = list(CI_02[method]) if SCALE == "ci" else []
-            if "constant" in flags and "--round-iterations" in extra:  # no join rounds on the constant schedule
-                i = extra.index("--round-iterations")
-                del extra[i:i + 2]
-            script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, "--out", folder, *extra,
-                   *flags)
-        return folder
+    folder = RUN / "ablations" / name
+    if not _finished(folder):
+        ensure_run()
+        extra = list(CI_02[method]) if SCALE == "ci" else []
+        if "constant" in flags and "--round-iterations" in extra:  # no join rounds on the constant schedule
+            i = extra.index("--round-iterations")
+            del extra[i:i + 2]
+        script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, "--out", folder, *extra,
+               *flags)
+    return folder
 
 
+@_one_builder
 def ensure_run():
     """The run of 01: built here at the ci scale, required (from `make demo`) at the small scale."""
-    with _building():
-        if SCALE == "ci" and (RUN / "dit" / "config.json").exists() and \
-                C.read_json(RUN / "dit" / "config.json")["args"].get("prior", "pixel") != "latent":
-            shutil.rmtree(RUN)  # a ci run of the pixel default (before issue 13): rebuilt on today's
-        if (RUN / "teacher" / "metrics.json").exists() and (RUN / "dit" / "metrics.json").exists():
-            return
-        if SCALE != "ci":
-            raise FileNotFoundError(f"{RUN} has no finished 01 outputs: run `make demo` first (or set DD_RUN)")
-        script("01_train_teacher.py", "--run", RUN, *CI_01)
+    if SCALE == "ci" and (RUN / "dit" / "config.json").exists() and \
+            C.read_json(RUN / "dit" / "config.json")["args"].get("prior", "pixel") != "latent":
+        shutil.rmtree(RUN)  # a ci run of the pixel default (before issue 13): rebuilt on today's
+    if (RUN / "teacher" / "metrics.json").exists() and (RUN / "dit" / "metrics.json").exists():
+        return
+    if SCALE != "ci":
+        raise FileNotFoundError(f"{RUN} has no finished 01 outputs: run `make demo` first (or set DD_RUN)")
+    script("01_train_teacher.py", "--run", RUN, *CI_01)
 
 
+@_one_builder
 def evaluation() -> dict:
     """results.json of 03 over the run's main sets (`make demo`'s <run>/eval/default); at the ci scale
     the sets and the evaluation are made here first, with tiny students."""
-    with _building():
-        out = RUN / "eval" / "default" / "results.json"
-        if SCALE == "ci" and not out.exists():
-            for ipc in sorted({S["ipc_low"], S["ipc"]}):
-                for m in ("random", "dit", "lgd", "acs", "delt"):
-                    distilled(m, ipc)
-            script("03_evaluate.py", "--run", RUN, *S["eval_args"])
-        if not out.exists():
-            raise FileNotFoundError(f"{out} is missing: run `make demo` first (or set DD_RUN)")
-        return json.loads(out.read_text())
+    out = RUN / "eval" / "default" / "results.json"
+    if SCALE == "ci" and not out.exists():
+        for ipc in sorted({S["ipc_low"], S["ipc"]}):
+            for m in ("random", "dit", "lgd", "acs", "delt"):
+                distilled(m, ipc)
+        script("03_evaluate.py", "--run", RUN, *S["eval_args"])
+    if not out.exists():
+        raise FileNotFoundError(f"{out} is missing: run `make demo` first (or set DD_RUN)")
+    return json.loads(out.read_text())
 
 
 def data(device="cpu"):

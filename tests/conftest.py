@@ -21,8 +21,7 @@ def pytest_collection_modifyitems(config, items):
     """`make test` runs the tests and the notebooks in one pytest-xdist session (whole files per
     worker). overview.ipynb builds the shared ci run the other notebooks read (01, every set,
     03): it goes first, so that it runs beside the tests instead of after them."""
-    first = [i for i in items if i.nodeid.startswith("notebooks/overview.ipynb")]
-    items[:] = first + [i for i in items if not i.nodeid.startswith("notebooks/overview.ipynb")]
+    items.sort(key=lambda i: not i.nodeid.startswith("notebooks/overview.ipynb"))  # stable
 
 
 def run_script(script, *args, check=True):

