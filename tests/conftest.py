@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository on sys.path, tiny data sets and a tiny run of 01 made once per session."""
+"""Shared fixtures: the repository on sys.path, tiny data sets and a tiny run of 01 made once per session;
+scripts run as a user would by forkrun.python."""
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+from forkrun import python  # noqa: E402,F401
 
 # tiny settings for 01: a 1-epoch teacher and a 20-step DiT are enough to test the contracts
 TINY_01 = ["--prior", "pixel", "--model", "convnet-1-bn", "--epochs", "1", "--dit-steps", "20", "--dit-width", "64", "--dit-depth", "1",
@@ -26,8 +28,7 @@ def pytest_collection_modifyitems(config, items):
 
 def run_script(script, *args, check=True):
     """Run one of the numbered scripts as a user would; returns the CompletedProcess."""
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=600)
+    p = python(ROOT / script, *args)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     return p

@@ -1,17 +1,13 @@
 """benchmarks/bench_gpu.py --tiny: every code path of the GPU benchmark, on the CPU, in one
 short run with a 2-layer DiT and a small VAE at 32 px (the numbers themselves mean nothing)."""
 import json
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import ROOT, python
 
 
 def test_tiny_gpu_benchmark_runs_on_the_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny",
-                        "--device", "cpu", "--out", str(out)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=900)
+    p = python(ROOT / "benchmarks" / "bench_gpu.py", "--tiny", "--device", "cpu", "--out", out, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
     assert {"plain bf16", "plain fp32", "guided bf16 ckpt", "guided bf16 no-ckpt",

@@ -2,17 +2,14 @@
 that they cannot rot: each runs as a user would and what it prints and writes is checked."""
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, python
 
 
 def bench(script, *args):
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    p = python(ROOT / "benchmarks" / script, *args)
     assert p.returncode == 0, f"{script} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return p.stdout
 

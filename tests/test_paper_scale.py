@@ -1,15 +1,13 @@
 """Paper scale on the CPU: ImageNet class maps of WordNet-id folders, 01's run folder default,
 gradient checkpointing of the guided steps and 02's scale-dependent defaults."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
 import dit
-from conftest import ROOT, TINY_01, assert_user_error, make_image_tree, run_script
+from conftest import ROOT, TINY_01, assert_user_error, make_image_tree, python, run_script
 from test_dit import save_tiny_latent_pipeline
 
 # real ImageNet-1K WordNet ids (tench, English springer, wing) and their class indices
@@ -30,9 +28,8 @@ def test_wnid_folders_condition_an_imagenet_dit_and_name_the_run(tmp_path):
     info, _, _ = common.load_dataset(f"imagefolder:{tree}")
     assert info.class_map == [WNIDS[w] for w in sorted(WNIDS)]
     pipe = save_tiny_latent_pipeline(tmp_path / "pipe", num_labels=1000)
-    p = subprocess.run([sys.executable, str(ROOT / "01_train_teacher.py"), "--dataset",
-                        f"imagefolder:{tree}", "--model", "convnet-2", "--dit", str(pipe), *TINY_01],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    p = python(ROOT / "01_train_teacher.py", "--dataset", f"imagefolder:{tree}", "--model", "convnet-2",
+               "--dit", pipe, *TINY_01, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "runs" / "my-imagenet3"
     assert json.loads((run / "dataset.json").read_text())["class_map"] == [0, 217, 908]

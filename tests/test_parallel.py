@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, assert_user_error, kill_when, run_script, write_set
+from conftest import ROOT, assert_user_error, kill_when, python, run_script, write_set
 from test_02 import files as stage_files
 
 TINY_LGD = ["--method", "lgd", "--ipc", "4", "--stages", "2", "--sample-steps", "4",
@@ -38,8 +38,7 @@ def torchrun(script, *args, nproc=2):
 
 
 def one_process(script, *args):
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=900, env=ONE_THREAD)
+    p = python(ROOT / script, *args, env=ONE_THREAD, timeout=900)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
 

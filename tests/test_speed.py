@@ -3,15 +3,13 @@ resolves to, and benchmarks/bench_speed.py at tiny settings (so that it cannot r
 import argparse
 import json
 import re
-import subprocess
-import sys
 from contextlib import nullcontext
 
 import pytest
 import torch
 
 import common
-from conftest import ROOT
+from conftest import ROOT, python
 
 
 def test_timings_replace_phases_keep_skipped_ones_and_sum(tmp_path, capsys):
@@ -103,10 +101,8 @@ def test_folders_made_with_the_boolean_amp_still_resume(tmp_path):
 def test_speed_benchmark_runs_and_its_reference_loop_is_faithful(tmp_path):
     """The benchmark on random models at tiny settings: every section prints, and the reference
     one-image loop makes the same image as dit.sample at batch 1 from the same seed."""
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_speed.py"), "--run",
-                        str(tmp_path / "none"), "--images", "4", "--ref-images", "2", "--steps", "4",
-                        "--ipc", "2", "--epochs", "1", "--train-batch", "8"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    p = python(ROOT / "benchmarks" / "bench_speed.py", "--run", tmp_path / "none", "--images", "4",
+               "--ref-images", "2", "--steps", "4", "--ipc", "2", "--epochs", "1", "--train-batch", "8")
     assert p.returncode == 0, p.stderr[-2000:]
     diffs = [float(d) for d in re.findall(r"max \|difference\| (\S+)", p.stdout)]
     assert len(diffs) == 2 and max(diffs) < 1e-5, p.stdout  # plain and guided
