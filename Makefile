@@ -77,11 +77,12 @@ bench-delt: setup
 	$(PY) benchmarks/bench_delt.py --run $(RUN)
 
 # the tests and every notebook top to bottom at the ci scale (a tiny run built in runs/nb-ci), in one
-# session: most of the tests' time is scripts starting in subprocesses on one core, so two pytest-xdist
-# workers share the 2 cores, one thread per process, a whole file per worker (a module's fixtures are
-# built once); overview.ipynb goes first (it builds the notebooks' shared run beside the tests)
+# session: two pytest-xdist workers share the 2 cores, one thread per process (which also lets
+# tests/forkrun.py run each script in a fork of its worker, imports done), a whole file per worker (a
+# module's fixtures are built once); overview.ipynb goes first (it builds the notebooks' shared run
+# beside the tests); the 25 slowest steps are listed at the end
 test: setup
-	OMP_NUM_THREADS=1 DD_NB_SCALE=ci $(PY) -m pytest -q -n 2 --dist loadfile --nbval-lax --nbval-current-env \
+	OMP_NUM_THREADS=1 DD_NB_SCALE=ci $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 --nbval-lax --nbval-current-env \
 	  --nbval-cell-timeout=900 tests notebooks
 
 # re-execute the notebooks at the small scale on $(RUN) (after `make demo`) and save them with outputs

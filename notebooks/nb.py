@@ -42,9 +42,9 @@ MAKE_EVAL_ARGS = _make_variable("EVAL_ARGS")  # how `make demo` runs 03
 SETTINGS = {
     "small": {"run": ROOT / "runs/mnist5k", "ipc": 50, "ipc_low": 10, "stages": 5, "epochs": 40,
               "epochs_low": 80, "seeds": 3, "ablation_ipc": 10, "acs_lams": [0, 15], "toy_steps": 200,
-              "eval_args": MAKE_EVAL_ARGS},
+              "convergence_factors": [1, 2, 4, 8], "eval_args": MAKE_EVAL_ARGS},
     "ci": {"run": ROOT / "runs/nb-ci", "ipc": 5, "ipc_low": 5, "stages": 5, "epochs": 8, "epochs_low": 8,
-           "seeds": 2, "ablation_ipc": 5, "acs_lams": [0, 15], "toy_steps": 60,
+           "seeds": 2, "ablation_ipc": 5, "acs_lams": [0, 15], "toy_steps": 60, "convergence_factors": [1, 2],
            "eval_args": ["--epochs", "8", "--full-epochs", "1", "--seeds", "2", *MAKE_EVAL_ARGS]},
 }
 S = dict(SETTINGS[SCALE], scale=SCALE)
@@ -173,6 +173,21 @@ def evaluation() -> dict:
         script("03_evaluate.py", "--run", RUN, *S["eval_args"])
     if not out.exists():
         raise FileNotFoundError(f"{out} is missing: run `make demo` first (or set DD_RUN)")
+    return json.loads(out.read_text())
+
+
+@_one_builder
+def convergence(ipc: int, factor: int, methods=("dit", "lgd")) -> dict:
+    """results.json of 03 on the main sets of `methods` at `ipc` and the random baseline, with students
+    trained `factor` times the scale's epochs (<run>/eval/convergence-ipc<ipc>-x<factor>); made on
+    first use, then reused. 03's student cache makes factor 1 the students of the main evaluation."""
+    epochs = factor * (S["epochs_low"] if ipc == S["ipc_low"] else S["epochs"])
+    name = f"convergence-ipc{ipc}-x{factor}"
+    out = RUN / "eval" / name / "results.json"
+    if not out.exists():
+        sets = [distilled(m, ipc) for m in methods]
+        script("03_evaluate.py", "--run", RUN, "--name", name, "--epochs", epochs, "--seeds", S["seeds"],
+               "--baselines", "random", "--soft-methods", "none", "--analyses", "none", *sets)
     return json.loads(out.read_text())
 
 
