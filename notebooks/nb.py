@@ -48,6 +48,9 @@ SETTINGS = {
            "eval_args": ["--epochs", "8", "--full-epochs", "1", "--seeds", "2", *MAKE_EVAL_ARGS]},
 }
 S = dict(SETTINGS[SCALE], scale=SCALE)
+if SCALE == "ci":  # script() runs the numbered scripts as the tests do (tests/forkrun.py)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from forkrun import python as fork_python  # noqa: E402
 if os.environ.get("DD_RUN"):
     S["run"] = Path(os.environ["DD_RUN"])
 RUN = S["run"]
@@ -88,9 +91,7 @@ def script(name: str, *args, quiet=False) -> str:
     """Run one of the numbered scripts as a user would; its stdout, or an error with its last lines."""
     t0 = time.time()
     if SCALE == "ci":  # under `make test`: in a fork of this kernel, whose imports are done
-        sys.path.insert(0, str(ROOT / "tests"))
-        from forkrun import python
-        p = python(ROOT / name, *args, timeout=3600)
+        p = fork_python(ROOT / name, *args, timeout=3600)
     else:
         p = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], cwd=ROOT,
                            capture_output=True, text=True)

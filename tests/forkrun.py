@@ -22,9 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def python(script, *args, cwd=ROOT, env=None, timeout=600):
     """`python script args...` with its output captured: a subprocess.CompletedProcess.
 
-    Most of the suite's time used to be ~150 scripts starting (torch, torchvision and diffusers
-    take 3-8 s to import, per process). Where it is safe, the script runs instead in a fork of
-    this process, whose imports are done: a process of its own (exit code, output, flocks and
+    Where it is safe, the script runs in a fork of this process, whose imports are done (see the
+    module's docstring): a process of its own (exit code, output, flocks and
     atexit handlers its own, nothing leaking back), with the project's modules imported afresh
     from disk and the random generators as a new interpreter has them. Safe means a POSIX fork,
     one torch thread (a fork after OpenMP threads ran can hang; `make test` sets one) and CUDA
