@@ -41,7 +41,7 @@ import common as C
 CFG = {"paper": 4.0, "small": 1.0}
 
 
-def make_pixel_dit(info: C.DatasetInfo, width=128, depth=4, patch=4, head_dim=32):
+def make_pixel_dit(info: C.DatasetInfo, width=96, depth=4, patch=4, head_dim=32):
     """A small class-conditional DiT acting directly on pixels (no VAE)."""
     from diffusers import DiTTransformer2DModel
     if info.size % patch:
@@ -56,7 +56,7 @@ def make_pixel_dit(info: C.DatasetInfo, width=128, depth=4, patch=4, head_dim=32
         norm_num_groups=1)
 
 
-def make_latent_dit(info: C.DatasetInfo, width=128, depth=4, patch=1, head_dim=32,
+def make_latent_dit(info: C.DatasetInfo, width=96, depth=4, patch=1, head_dim=32,
                     latent_channels=4, down=4):
     """A small class-conditional DiT on the latents of make_vae (size / down px, 4 channels)."""
     from diffusers import DiTTransformer2DModel

@@ -21,7 +21,7 @@ formula); the fraction is achieved FLOP/s over the peak measured above.
 
 The DiT and the models are the run's (--run) when it exists, else randomly initialised ones of
 the same shapes (without a run: 01's default prior, a VAE with blocks 16/32/32 from 28 px to
-4x7x7 latents and a latent DiT of width 128, depth 4, patch 1, 10 classes, whose guided steps
+4x7x7 latents and a latent DiT of width 96, depth 4, patch 1, 10 classes, whose guided steps
 decode through the VAE), so nothing is downloaded; their speed does not depend on their weights.
 Usage: .venv/bin/python benchmarks/bench_speed.py [--run runs/mnist5k] [--threads N]
 (`make bench-speed`, the first part of `make bench`; ~5 min alone on 2 cores, 25 min at load 8)
@@ -124,7 +124,7 @@ def models(run: Path | None):
         # 01's default prior: a VAE (blocks 16/32/32, 28 px -> 4x7x7) + a patch-1 latent DiT
         vae = dit.make_vae(info)
         vae.register_to_config(scaling_factor=1.0)
-        prior = dit.Prior(dit.make_latent_dit(info, 128, 4, 1),
+        prior = dit.Prior(dit.make_latent_dit(info),
                           dict(dit.make_train_scheduler().config), info, vae)
         teacher = C.build_model("convnet-3-bn", info).eval()
         source = "random initialisation (no finished run given)"
