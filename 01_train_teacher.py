@@ -25,7 +25,7 @@ Writes: <run>/
         trained again.
 
 Examples:
-  python 01_train_teacher.py                       # CPU, embedded digits: VAE + latent DiT, ~30 min
+  python 01_train_teacher.py                       # CPU, embedded digits: VAE + latent DiT, ~25 min
   python 01_train_teacher.py --prior pixel         # a DiT on pixels instead (no VAE)
   python 01_train_teacher.py --dataset imagenette --data-root data/imagenette2 --size 256 \
       --model resnet18 --epochs 100 --dit facebook/DiT-XL-2-256 --run runs/imagenette
