@@ -7,7 +7,7 @@ ARGS    ?=
 # default adds per-stage accuracy and acs): ~40 fewer minutes on 2 CPU cores. EVAL_ARGS= restores 03's defaults.
 EVAL_ARGS ?= --soft-methods none --analyses redundancy,diversity --analysis-methods dit,lgd
 
-.PHONY: setup demo teacher distill ablation evaluate timings bench bench-speed bench-gpu bench-eval bench-delt \
+.PHONY: setup demo teacher distill ablation evaluate timings bench bench-speed bench-amp bench-gpu bench-eval bench-delt \
 	test notebooks clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
@@ -61,6 +61,11 @@ bench: bench-speed
 
 bench-speed: setup
 	$(PY) benchmarks/bench_speed.py --run $(RUN)
+
+# each model's step in fp32 and under bf16 autocast on this CPU, and students trained in both
+# (what --amp auto follows; ~6 min on 2 cores)
+bench-amp: setup
+	$(PY) benchmarks/bench_amp.py --accuracy
 
 # paper-scale guided sampling on one GPU: DiT-XL/2 and an sd-vae-ft-mse-shaped VAE with random weights
 # (nothing downloaded), plain vs LGD-guided, checkpointing, bf16 vs fp32, against the one-image fp32 loop;

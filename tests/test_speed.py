@@ -53,6 +53,23 @@ def test_native_bf16_from_torch_capabilities(monkeypatch, caps, expected):
     assert common.resolve_amp("on", device) and not common.resolve_amp("off", device)
     _, ctx = common.setup_device("cpu", "auto")
     assert common.amp_of(ctx) == ("bf16" if expected else "off")
+    # the DiT and VAE stay fp32 on any CPU under auto (measured slower in bf16), not under on
+    assert not common.resolve_amp("auto", device, "prior")
+    assert common.amp_of(common.prior_ctx(ctx)) == "off"
+    _, on = common.setup_device("cpu", "on")
+    assert common.amp_of(on) == common.amp_of(common.prior_ctx(on)) == "bf16"
+
+
+def test_the_priors_context_is_fp32_inside_the_classifiers_autocast(monkeypatch):
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
+    _, ctx = common.setup_device("cpu", "auto")
+    x, lin = torch.randn(3, 4), torch.nn.Linear(4, 2)
+    with ctx:
+        assert lin(x).dtype == torch.bfloat16  # a classifier's layer
+        with common.prior_ctx(ctx):
+            assert lin(x).dtype == torch.float32  # the DiT's, nested inside (guidance)
+        assert lin(x).dtype == torch.bfloat16
+    assert common.resolve_amp("auto", torch.device("cuda"), "prior")  # bf16 on every GPU
 
 
 @pytest.mark.parametrize("flags,expected", [("fpu sse2 avx2 fma", False),
@@ -83,11 +100,13 @@ def test_amp_flag_and_cuda_default(monkeypatch):
 
 
 def test_this_machine_resolves_auto_as_its_cpu_allows(tmp_path):
-    """On an AVX2-only CPU auto is off: the numbers of the embedded run do not move."""
+    """On an AVX2-only CPU auto is off: the numbers of the embedded run do not move; with
+    native bf16 the classifiers take it and the prior stays fp32."""
     device, ctx = common.setup_device("cpu", "auto")
     assert common.amp_of(ctx) == ("bf16" if common.cpu_has_native_bf16() else "off")
     common.write_config(tmp_path, {"amp": "auto"}, {}, device, ctx)
-    assert json.loads((tmp_path / "config.json").read_text())["amp"] == common.amp_of(ctx)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["amp"] == common.amp_of(ctx) and cfg["amp_prior"] == "off"
 
 
 def test_folders_made_with_the_boolean_amp_still_resume(tmp_path):
@@ -109,3 +128,15 @@ def test_speed_benchmark_runs_and_its_reference_loop_is_faithful(tmp_path):
     for line in ("command: ", "matmul 2048^2", "plain  ratio", "guided ratio", "% of peak",
                  "ratio ours / the faster reference", "random initialisation"):
         assert line in p.stdout, (line, p.stdout[-2000:])
+
+
+def test_amp_benchmark_prints_every_ratio():
+    """benchmarks/bench_amp.py at one repetition (its --accuracy part trains real students)."""
+    p = python(ROOT / "benchmarks" / "bench_amp.py", "--reps", "1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = re.findall(r"^(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", p.stdout, re.M)
+    assert [r[0].split(",")[0] for r in rows] == [
+        "matmul 2048^2", "latent DiT train step", "latent DiT guided step", "VAE decode + backward",
+        "VAE train step", "ConvNet-3 train step"], p.stdout
+    for _, t32, t16, ratio in rows:
+        assert abs(float(t32) / float(t16) - float(ratio)) < 0.02 * float(ratio) + 0.01
