@@ -304,7 +304,7 @@ def vae_latents(vae, x, ctx, batch_size=500):
     """uint8 images (N, C, H, W) -> the VAE's posterior means, times its scaling factor."""
     with torch.no_grad():
         return common._batched(lambda b: vae.encode(b * 2 - 1).latent_dist.mean, x, batch_size,
-                               common.prior_ctx(ctx)) * vae.config.scaling_factor
+                               ctx) * vae.config.scaling_factor
 
 
 def train_vae(args, info, train, test, device, ctx, phase):
@@ -340,7 +340,7 @@ def train_vae(args, info, train, test, device, ctx, phase):
                      total=args.vae_steps):
         idx = torch.randint(0, N, (args.vae_batch,), device=device)
         x = common.to_float(train.x[idx]) * 2 - 1  # (B, C, H, W) in [-1, 1]
-        with common.prior_ctx(ctx):
+        with ctx:
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
         mse, kl = F.mse_loss(rec.float(), x), post.kl().float().mean()
@@ -364,7 +364,7 @@ def train_vae(args, info, train, test, device, ctx, phase):
     vae.register_to_config(scaling_factor=1.0 / std)
     with torch.no_grad():  # held-out reconstruction from the posterior mean, in [-1, 1]
         rec = common._batched(lambda b: vae.decode(vae.encode(b * 2 - 1).latent_dist.mean).sample,
-                              test.x, 500, common.prior_ctx(ctx))
+                              test.x, 500, ctx)
         recon = F.mse_loss(rec, common.to_float(test.x) * 2 - 1).item()
     m = {"recon_mse": recon, "recon_on": f"{len(test.y)} test images, [-1, 1], posterior mean",
          "scaling_factor": 1.0 / std, "latent_shape": [4, info.size // 4, info.size // 4],
@@ -426,7 +426,7 @@ def train_dit(args, info, train, device, ctx, teacher, vae=None):
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         v = a.sqrt() * eps - (1 - a).sqrt() * x0  # v-prediction target
-        with common.prior_ctx(ctx):  # the model drops 10 % of labels to its null class itself (CFG training)
+        with ctx:  # the model drops 10 % of labels to its null class itself (CFG training)
             pred = model(xt, t, y).sample
         per = (pred.float() - v).pow(2).mean((1, 2, 3))
         if args.dit_min_snr > 0:  # min-SNR-gamma for v-targets: w = min(SNR, gamma) / (SNR + 1)
