@@ -84,8 +84,8 @@ bench-delt: setup
 # the tests and every notebook top to bottom at the ci scale (a tiny run built in runs/nb-ci), in one
 # session: two pytest-xdist workers share the 2 cores, one thread per process (which also lets
 # tests/forkrun.py run each script in a fork of its worker, imports done), a whole file per worker (a
-# module's fixtures are built once); overview.ipynb goes first (it builds the notebooks' shared run
-# beside the tests); the 25 slowest steps are listed at the end
+# module's fixtures are built once; xdist hands out the files with the most tests first), the first
+# notebook to need the shared ci run builds it while the others wait; the 25 slowest steps at the end
 test: setup
 	OMP_NUM_THREADS=1 DD_NB_SCALE=ci $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 --nbval-lax --nbval-current-env \
 	  --nbval-cell-timeout=900 tests notebooks

@@ -20,9 +20,10 @@ TINY_01 = ["--prior", "pixel", "--model", "convnet-1-bn", "--epochs", "1", "--di
 
 
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs the tests and the notebooks in one pytest-xdist session (whole files per
-    worker). overview.ipynb builds the shared ci run the other notebooks read (01, every set,
-    03): it goes first, so that it runs beside the tests instead of after them."""
+    """In a one-process run overview.ipynb goes first: it builds the shared ci run the other
+    notebooks read (01, every set, 03). Under `make test` (pytest-xdist, --dist loadfile) the
+    scheduler orders whole files by their number of tests, largest first, whatever the order
+    here; there the first notebook to need the run builds it (nb.py's lock) while the others wait."""
     items.sort(key=lambda i: not i.nodeid.startswith("notebooks/overview.ipynb"))  # stable
 
 
