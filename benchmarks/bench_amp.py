@@ -5,7 +5,7 @@ Speed (random weights, the embedded default's shapes; fastest of --reps calls af
   matmul 2048^2            the ceiling: what bf16 buys a large matmul
   latent DiT train step    01's DiT at width 96, batch 128 (7x7x4 latents, 49 tokens)
   latent DiT guided step   forward + backward to x at batch 20 (a CFG step of 10 guided images)
-  VAE decode, guided       forward + backward to z at batch 10 (the decode inside guidance)
+  VAE decode + backward    forward + backward to z at batch 10 (the decode inside guidance)
   VAE train step           01's VAE at batch 128
   ConvNet-3 train step     a student's step at 03's batch 64 (forward, backward, AdamW)
 --accuracy also trains 03's hard-label student (convnet-3, the small epochs rule) on random real

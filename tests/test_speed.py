@@ -85,7 +85,7 @@ def test_amp_flag_and_cuda_default(monkeypatch):
     assert common.amp_of(torch.autocast("cpu", dtype=torch.bfloat16)) == "bf16"
 
 
-def test_this_machine_resolves_auto_as_its_cpu_allows(tmp_path):
+def test_auto_is_fp32_on_this_cpu_and_config_json_says_so(tmp_path):
     """auto is off on this CPU, whatever its bf16 support: the numbers of the embedded run do
     not depend on which CPU made them beyond the last bits of fp32 kernels."""
     device, ctx = common.setup_device("cpu", "auto")
