@@ -176,7 +176,7 @@ def train_teacher(args, info, train, test, device, ctx, phase):
                                        epoch=epoch + 1)
         common.fit(model, train, info, proto, epochs=args.epochs, seed=None, ctx=ctx, desc="teacher",
                    state_path=folder / "train_state.pt", on_epoch=keep_checkpoint, log=True)
-    acc = common.accuracy(model, test, ctx)
+    acc = common.accuracy(model, test)
     common.save_classifier(folder / "teacher.pt", model, model_name, info, test_acc=acc)
     common.write_json(folder / "metrics.json", {"test_acc": acc, "epochs": args.epochs, "model": model_name,
                                            "wall_s": time.time() - t0, "imported_from": args.teacher})
@@ -270,10 +270,10 @@ def train_surrogate(args, s: dict, info, train, test, device, ctx, phase):
                desc="surrogate", state_path=folder / "train_state.pt", on_epoch=keep_checkpoint,
                log=True)
     accs = {f"epoch_{e:03d}": common.accuracy(common.load_classifier(path(e), info, device),
-                                              test, ctx) for e in s["keep"]}
+                                              test) for e in s["keep"]}
     common.write_json(folder / "metrics.json", {
         "model": s["model"], "epochs": s["epochs"], "keep": s["keep"], "checkpoint_test_acc": accs,
-        "test_acc": common.accuracy(model, test, ctx), "wall_s": time.time() - t0})
+        "test_acc": common.accuracy(model, test), "wall_s": time.time() - t0})
     (folder / "train_state.pt").unlink(missing_ok=True)
     print(f"surrogate: test accuracy of the kept checkpoints "
           + ", ".join(f"{k} {v:.1f} %" for k, v in accs.items()) + f" ({time.time() - t0:.0f} s)")
@@ -292,7 +292,7 @@ def sample_accuracy(prior, teacher, info, per_class, args, device, ctx, seed, pr
                             batch_size=args.sample_batch, ctx=ctx, progress=progress)
     order = torch.arange(len(y), device=y.device).view(per_class, info.num_classes).t().flatten()
     y, imgs = y[order], imgs[order]  # class-major, as the grid shows them
-    pred = common.predict(teacher, imgs, ctx=ctx).argmax(1)
+    pred = common.predict(teacher, imgs).argmax(1)
     per = [(pred[y == c] == c).float().mean().item() * 100 for c in range(info.num_classes)]
     return (pred == y).float().mean().item() * 100, per, imgs
 
@@ -300,11 +300,12 @@ def sample_accuracy(prior, teacher, info, per_class, args, device, ctx, seed, pr
 VAE_LR, VAE_KL = 1e-3, 1e-6  # --prior latent: AdamW learning rate, KL weight
 
 
-def vae_latents(vae, x, ctx, batch_size=500):
-    """uint8 images (N, C, H, W) -> the VAE's posterior means, times its scaling factor."""
+def vae_latents(vae, x, batch_size=500):
+    """uint8 images (N, C, H, W) -> the VAE's posterior means, times its scaling factor (full
+    precision: the DiT's training data and the scaling factor do not depend on --amp)."""
     with torch.no_grad():
-        return common._batched(lambda b: vae.encode(b * 2 - 1).latent_dist.mean, x, batch_size,
-                               ctx) * vae.config.scaling_factor
+        return common.batched(lambda b: vae.encode(b * 2 - 1).latent_dist.mean, x,
+                              batch_size) * vae.config.scaling_factor
 
 
 def train_vae(args, info, train, test, device, ctx, phase):
@@ -360,11 +361,11 @@ def train_vae(args, info, train, test, device, ctx, phase):
                                "rng": common.rng_state(), "step": done, "curve": curve}, state_path)
     vae.eval().requires_grad_(False)
     vae.register_to_config(scaling_factor=1.0)
-    std = vae_latents(vae, train.x, ctx).std().item()
+    std = vae_latents(vae, train.x).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     with torch.no_grad():  # held-out reconstruction from the posterior mean, in [-1, 1]
-        rec = common._batched(lambda b: vae.decode(vae.encode(b * 2 - 1).latent_dist.mean).sample,
-                              test.x, 500, ctx)
+        rec = common.batched(lambda b: vae.decode(vae.encode(b * 2 - 1).latent_dist.mean).sample,
+                             test.x)
         recon = F.mse_loss(rec, common.to_float(test.x) * 2 - 1).item()
     m = {"recon_mse": recon, "recon_on": f"{len(test.y)} test images, [-1, 1], posterior mean",
          "scaling_factor": 1.0 / std, "latent_shape": [4, info.size // 4, info.size // 4],
@@ -390,7 +391,7 @@ def train_dit(args, info, train, device, ctx, teacher, vae=None):
         model = dit.make_pixel_dit(info, args.dit_width, args.dit_depth, args.dit_patch)
     else:
         model = dit.make_latent_dit(info, args.dit_width, args.dit_depth, args.dit_patch)
-        latents = vae_latents(vae, train.x, ctx)  # (N, 4, H/4, W/4), unit variance
+        latents = vae_latents(vae, train.x)  # (N, 4, H/4, W/4), unit variance
     model = model.to(device).train()
     noise = dit.make_train_scheduler()
     abar = noise.alphas_cumprod.to(device)
@@ -494,7 +495,7 @@ def distillability(samples, info, train, test, args, device, ctx, ipc=10, seeds=
             model = common.build_model("convnet-3", info).to(device)
             common.fit(model, data.to(device), info, proto, epochs=epochs, seed=seed, ctx=ctx,
                        desc=f"distillability {name} seed {seed}", progress=False)
-            accs.append(common.accuracy(model, test, ctx))
+            accs.append(common.accuracy(model, test))
         out[name] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "seeds": accs}  # the sample std (n - 1), as 03
     out["gap"] = out["samples"]["mean"] - out["random_real"]["mean"]

@@ -324,9 +324,9 @@ class Job:
 
 
 @torch.no_grad()
-def ce(model, x_u8, y, ctx) -> torch.Tensor:
-    """Per-image cross-entropy (N,) of a classifier on uint8 images."""
-    return F.cross_entropy(common.predict(model, x_u8, ctx=ctx), y, reduction="none")
+def ce(model, x_u8, y) -> torch.Tensor:
+    """Per-image cross-entropy (N,) of a classifier on uint8 images, in full precision."""
+    return F.cross_entropy(common.predict(model, x_u8), y, reduction="none")
 
 
 def write_stage(folder: Path, job: Job, k: int, out: dict | None, seconds: float) -> dict | None:
@@ -347,8 +347,8 @@ def write_stage(folder: Path, job: Job, k: int, out: dict | None, seconds: float
     for name, model in out.get("models", {}).items():
         common.save_classifier(folder / name, model, job.settings["guide_model"], info,
                                stage=k + 1)
-    ref = ce(job.teacher, out["x"], out["y"], job.ctx)
-    ref_acc = common.accuracy(job.teacher, common.Split(out["x"], out["y"]), job.ctx)
+    ref = ce(job.teacher, out["x"], out["y"])
+    ref_acc = common.accuracy(job.teacher, common.Split(out["x"], out["y"]))
     scores = {**out["scores"], "ce_reference": ref.tolist()}
     manifest = {
         "stage": k + 1, "method": job.args.method, "images_per_class": n,
@@ -483,9 +483,9 @@ def make_lgd(job: Job, k: int) -> dict:
                             desc=f"stage {k + 1} lgd")
     x, y = common.to_u8(imgs), job.labels()
     return {"x": x, "y": y, "z": z, "models": {"current.pt": current},
-            "scores": {"S": S.tolist(), "ce_current": ce(current, x, y, job.ctx).tolist()},
-            "stats": {"current_test_acc": common.accuracy(current, job.test, job.ctx),
-                      "current_train_acc": common.accuracy(current, job.union(), job.ctx)}}
+            "scores": {"S": S.tolist(), "ce_current": ce(current, x, y).tolist()},
+            "stats": {"current_test_acc": common.accuracy(current, job.test),
+                      "current_train_acc": common.accuracy(current, job.union())}}
 
 
 def check_lgd(job: Job):
@@ -533,12 +533,12 @@ def make_acs(job: Job, k: int) -> dict:
     imgs, z, _ = job.sample(k, job.guidance(terms), desc=f"curriculum {k + 1} acs")
     x, train = common.to_u8(imgs), job.union()
     return {"x": x, "y": y, "z": z, "models": {"discriminator.pt": disc},
-            "scores": {"ce_disc": ce(disc, x, y, job.ctx).tolist()},
-            "stats": {"disc_acc_train": common.accuracy(disc, train, job.ctx),
+            "scores": {"ce_disc": ce(disc, x, y).tolist()},
+            "stats": {"disc_acc_train": common.accuracy(disc, train),
                       "disc_acc_before": common.accuracy(disc, common.Split(common.to_u8(before),
-                                                                            y), job.ctx),
-                      "disc_acc_after": common.accuracy(disc, common.Split(x, y), job.ctx),
-                      "disc_test_acc": common.accuracy(disc, job.test, job.ctx)}}
+                                                                            y)),
+                      "disc_acc_after": common.accuracy(disc, common.Split(x, y)),
+                      "disc_test_acc": common.accuracy(disc, job.test)}}
 
 
 METHODS["acs"] = Method(make_acs, {**GUIDED, "adv_form": both("ce")}, check=check_guided)
@@ -762,15 +762,16 @@ def delt_crop_min(t: int, total: int) -> float:
 
 
 @torch.no_grad()
-def true_class_prob(model, x, y, ctx) -> torch.Tensor:
-    """Softmax probability of the label, (N,), for uint8 or [0, 1] float images."""
-    return F.softmax(common.predict(model, x, ctx=ctx), 1).gather(1, y[:, None]).squeeze(1)
+def true_class_prob(model, x, y) -> torch.Tensor:
+    """Softmax probability of the label, (N,), for uint8 or [0, 1] float images (full precision:
+    the median rule ranks near-certain images, which bf16 logits would tie)."""
+    return F.softmax(common.predict(model, x), 1).gather(1, y[:, None]).squeeze(1)
 
 
 def delt_init_ranks(job: Job) -> torch.Tensor:
     """Training-set indices (classes, IPC) of the init images, rank 0 first: nearest the class
     median of the teacher's true-class probability (median), the highest (top), lowest (min)."""
-    p = true_class_prob(job.teacher, job.real.x, job.real.y, job.ctx)  # (N,)
+    p = true_class_prob(job.teacher, job.real.x, job.real.y)  # (N,)
     rows = []
     for c in range(job.info.num_classes):
         idx = (job.real.y == c).nonzero().squeeze(1)
@@ -828,8 +829,8 @@ def delt_optimise(job: Job, classes: list, ranks, seed: int) -> dict:
                                 bn=f"{loss_bn.item():.2f}")
     xu = common.to_u8(z.detach() * std + mean)  # what the PNG will hold
     return {"x": xu.cpu(), "train_index": train_index.cpu(),
-            "p_init": true_class_prob(teacher, x0, y, job.ctx).cpu(),
-            "p_final": true_class_prob(teacher, xu, y, job.ctx).cpu(),
+            "p_init": true_class_prob(teacher, x0, y).cpu(),
+            "p_final": true_class_prob(teacher, xu, y).cpu(),
             "dist_to_init": (common.to_float(xu) - x0).flatten(1).norm(dim=1).cpu(),
             "final_ce": loss_ce.item(), "final_bn": loss_bn.item()}
 

@@ -352,8 +352,8 @@ class Evaluation:
         common.fit(model, train.to(self.device), self.info, self.proto[proto], epochs=epochs,
                    seed=seed, teacher=self.teacher if proto == "soft" else None, ctx=self.ctx,
                    desc=desc)
-        out = {**job, "acc": common.accuracy(model, self.test, self.ctx),
-               "on": {k: common.accuracy(model, v.to(self.device), self.ctx)
+        out = {**job, "acc": common.accuracy(model, self.test),
+               "on": {k: common.accuracy(model, v.to(self.device))
                       for k, v in targets.items()},
                "train_size": len(train.y), "wall_s": time.time() - t0}
         common.write_json(path, out)
@@ -541,7 +541,7 @@ def diversity(ev: Evaluation) -> dict:
         return {}
 
     def of(x, y):
-        f = common.features(ev.teacher, x.to(ev.device), ctx=ev.ctx)
+        f = common.features(ev.teacher, x.to(ev.device))
         per = common.centroid_cosine(f, y.to(ev.device), ev.info.num_classes)
         return {"per_class": per, "mean": float(np.mean(per))}
     out = {"full data": of(ev.train.x, ev.train.y)}

@@ -891,30 +891,53 @@ def load_classifier(path: Path, info: DatasetInfo, device) -> Classifier:
     return model.to(device).eval()
 
 
+@contextmanager
+def full_precision(device: torch.device | str):
+    """Plain fp32 inside, whatever the caller runs under: autocast off and, on CUDA, no TF32.
+
+    Every number the scripts log (accuracies, losses, DELT's ranking of real images) is measured
+    under it, so that a notebook or test re-deriving it in fp32 on a CPU from the saved models and
+    images gets it back whatever --amp the run used; bf16 logits would change which near-certain
+    images DELT's median rule picks and move a logged loss in its third digit. Training and
+    sampling stay under --amp. Eval-mode forward passes only: their cost is small beside training.
+    """
+    kind = torch.device(device).type
+    cuda = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = [b.allow_tf32 for b in cuda]
+    try:
+        for b in cuda:
+            b.allow_tf32 = False
+        with torch.autocast(kind, enabled=False):
+            yield
+    finally:
+        for b, v in zip(cuda, saved):
+            b.allow_tf32 = v
+
+
 @torch.no_grad()
-def _batched(fn, x: torch.Tensor, batch_size: int, ctx) -> torch.Tensor:
-    """fn over uint8 or float images in batches, outputs concatenated as float32."""
+def batched(fn, x: torch.Tensor, batch_size=500) -> torch.Tensor:
+    """fn over uint8 or float images in batches, in full precision, outputs as float32."""
     out = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        with ctx:
+    with full_precision(x.device):
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
             out.append(fn(to_float(xb) if xb.dtype == torch.uint8 else xb).float())
     return torch.cat(out)
 
 
-def predict(model: nn.Module, x: torch.Tensor, batch_size=500, ctx=nullcontext()):
-    """Logits (N, classes) of uint8 or float images, in eval mode."""
-    return _batched(model.eval(), x, batch_size, ctx)
+def predict(model: nn.Module, x: torch.Tensor, batch_size=500):
+    """Logits (N, classes) of uint8 or float images, in eval mode and full precision."""
+    return batched(model.eval(), x, batch_size)
 
 
-def features(model: Classifier, x: torch.Tensor, batch_size=500, ctx=nullcontext()):
-    """Penultimate features (N, F) of uint8 or float images, in eval mode."""
-    return _batched(model.eval().features, x, batch_size, ctx)
+def features(model: Classifier, x: torch.Tensor, batch_size=500):
+    """Penultimate features (N, F) of uint8 or float images, in eval mode and full precision."""
+    return batched(model.eval().features, x, batch_size)
 
 
-def accuracy(model, split: Split, ctx=nullcontext()) -> float:
-    """Top-1 accuracy in percent."""
-    return (predict(model, split.x, ctx=ctx).argmax(1) == split.y).float().mean().item() * 100
+def accuracy(model, split: Split) -> float:
+    """Top-1 accuracy in percent (eval mode, full precision)."""
+    return (predict(model, split.x).argmax(1) == split.y).float().mean().item() * 100
 
 
 def centroid_cosine(feats: torch.Tensor, y: torch.Tensor, num_classes: int) -> list:

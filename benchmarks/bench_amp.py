@@ -104,7 +104,7 @@ def accuracy(info, train, test, ipc: int, seeds: int, ctx) -> list:
         model = C.build_model("convnet-3", info)
         C.fit(model, C.Split(train.x[idx], train.y[idx]), info, C.Protocol("hard"),
               epochs=C.epochs_for(ipc, "small"), seed=k, ctx=ctx, progress=False)
-        accs.append(C.accuracy(model, test, ctx))
+        accs.append(C.accuracy(model, test))
     return accs
 
 

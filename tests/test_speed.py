@@ -94,6 +94,29 @@ def test_auto_is_fp32_on_this_cpu_and_config_json_says_so(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["amp"] == common.amp_of(ctx)
 
 
+def test_logged_measurements_are_fp32_under_bf16_autocast():
+    """accuracy, predict and features (and through them 02's CE, DELT's ranking, 03's student
+    accuracies) run in full precision inside a run's bf16 autocast, so a notebook re-deriving a
+    logged number in fp32 gets it back to the bit; the caller's autocast holds again after."""
+    info, train, _ = common.load_dataset("mnist5k")
+    torch.manual_seed(0)
+    model = common.build_model("convnet-3", info).eval()  # its weights require grad
+    x, split = train.x[:64], common.Split(train.x[:64], train.y[:64])
+    ref = [common.predict(model, x), common.features(model, x), common.accuracy(model, split)]
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad(), bf16:
+        plain = model(common.to_float(x)).float()  # what an unprotected measurement would see
+        got = [common.predict(model, x), common.features(model, x), common.accuracy(model, split)]
+        assert torch.is_autocast_enabled("cpu")  # the run's autocast is back for its training
+    assert not torch.equal(plain, ref[0])  # bf16 moves the logits: the check below can fail
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and got[2] == ref[2]
+    assert not ref[0].requires_grad and not got[1].requires_grad  # no graph kept
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with common.full_precision("cuda"):  # on a GPU: no TF32 either (the flags exist on CPU)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+
+
 def test_folders_made_with_the_boolean_amp_still_resume(tmp_path):
     common.prepare_folder(tmp_path / "job", {"amp": True, "lr": 0.1}, False, "job")
     common.write_config(tmp_path / "job", {"amp": True, "lr": 0.1}, {}, torch.device("cpu"))
