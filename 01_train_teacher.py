@@ -341,7 +341,7 @@ def train_vae(args, info, train, test, device, ctx, phase):
                      total=args.vae_steps):
         idx = torch.randint(0, N, (args.vae_batch,), device=device)
         x = common.to_float(train.x[idx]) * 2 - 1  # (B, C, H, W) in [-1, 1]
-        with ctx:
+        with common.prior_ctx(ctx):  # fp32 on a CPU under --amp auto (resolve_amp)
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
         mse, kl = F.mse_loss(rec.float(), x), post.kl().float().mean()
@@ -427,7 +427,7 @@ def train_dit(args, info, train, device, ctx, teacher, vae=None):
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         v = a.sqrt() * eps - (1 - a).sqrt() * x0  # v-prediction target
-        with ctx:  # the model drops 10 % of labels to its null class itself (CFG training)
+        with common.prior_ctx(ctx):  # the DiT drops 10 % of labels to its null class (CFG)
             pred = model(xt, t, y).sample
         per = (pred.float() - v).pow(2).mean((1, 2, 3))
         if args.dit_min_snr > 0:  # min-SNR-gamma for v-targets: w = min(SNR, gamma) / (SNR + 1)

@@ -472,7 +472,7 @@ def make_lgd(job: Job, k: int) -> dict:
         if job.settings["init_folder"] is None:
             return make_dit(job, k)
         x = read_init_folder(job)
-        with torch.no_grad(), job.ctx:
+        with torch.no_grad(), common.prior_ctx(job.ctx):
             z = job.prior.encode(common.to_float(x.x)).float()
         return {"x": x.x, "y": x.y, "z": z, "scores": {}}
     current = job.train_guide(k, common.Protocol("hard"), "f_cur", "current.pt")

@@ -264,32 +264,52 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(caps.get(k)) for k in native)
 
 
-def resolve_amp(flag: str | bool, device: torch.device) -> bool:
-    """--amp auto|on|off (or the boolean of earlier versions) -> use bf16 autocast or not.
+def resolve_amp(flag: str | bool, device: torch.device, part="classifier") -> bool:
+    """--amp auto|on|off (or the boolean of earlier versions) -> bf16 autocast or not, for the
+    classifiers or the prior (DiT and VAE).
 
-    auto is on CUDA only. On a CPU, measured (benchmarks/bench_amp.py, a CPU with AVX512-BF16):
-    the small DiT and VAE run slower under bf16 autocast (a guided step 0.7-0.8x, a VAE decode
-    0.5-0.6x), the students 1.2-1.5x faster, but bf16 logits move every number of an fp32 run
-    and change which real images DELT's median initialisation picks (an fp32 re-derivation
-    agreed on under half of them at the notebooks' ci scale), so a CPU stays fp32 unless --amp on.
+    auto is on where it was measured to pay (benchmarks/bench_amp.py): on CUDA for both; on a
+    CPU with native bf16 (AVX512-BF16, AMX, Arm bf16) for the classifiers only: their training
+    steps run 1.3-1.6x faster with the students' accuracy unchanged within seed noise, while the
+    small DiT and VAE lose more to the casts than their matmuls gain (a DiT training step 0.9x, a
+    VAE decode 0.6x). Every logged measurement runs in full precision (full_precision) whatever
+    the flag. A CPU without native bf16 stays fp32 (emulated bf16 is several times slower).
     """
     flag = AMP_LEGACY.get(flag, flag) if isinstance(flag, bool) else flag
     if flag not in AMP_CHOICES:
         raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {flag!r}")
     if flag != "auto":
         return flag == "on"
-    return device.type == "cuda"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and part == "classifier" and cpu_has_native_bf16()
+
+
+class Autocast(torch.autocast):
+    """bf16 autocast for the classifiers; `.prior` is the context the DiT and VAE run under."""
+
+    def __init__(self, device_type: str, prior_bf16: bool):
+        super().__init__(device_type, dtype=torch.bfloat16)
+        # disabled, not a no-op: fp32 even where it runs inside the classifiers' autocast
+        self.prior = torch.autocast(device_type, dtype=torch.bfloat16, enabled=prior_bf16)
+
+
+def prior_ctx(ctx):
+    """The DiT's and VAE's context for a setup_device context: the same one, except where
+    --amp auto keeps the prior in fp32 while the classifiers take bf16."""
+    return getattr(ctx, "prior", ctx)
 
 
 def amp_of(ctx) -> str:
     """What a setup_device context does, for config.json: 'bf16' (autocast) or 'off'."""
-    return "bf16" if isinstance(ctx, torch.autocast) else "off"
+    return "bf16" if isinstance(ctx, torch.autocast) and getattr(ctx, "_enabled", True) \
+        else "off"
 
 
 def setup_device(name: str, amp: str | bool = "auto"):
-    """(device, ctx): ctx is bf16 autocast where --amp resolves to on (resolve_amp), else a
-    no-op context. Under torchrun the process joins its job's process group and takes GPU
-    LOCAL_RANK."""
+    """(device, ctx): ctx is bf16 autocast (an Autocast, whose .prior is the DiT's and VAE's
+    context) where --amp resolves to on for the classifiers (resolve_amp), else a no-op context.
+    Under torchrun the process joins its job's process group and takes GPU LOCAL_RANK."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
@@ -302,12 +322,13 @@ def setup_device(name: str, amp: str | bool = "auto"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # bf16 needs no GradScaler (fp16 would)
-    use_amp = resolve_amp(amp, device)
+    use_amp, prior_amp = resolve_amp(amp, device), resolve_amp(amp, device, "prior")
     if use_amp and device.type == "cpu" and not cpu_has_native_bf16():
         print("warning: --amp on: this CPU has no native bf16, autocast will be slow",
               file=sys.stderr)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
-    return device, ctx
+    if use_amp:
+        return device, Autocast(device.type, prior_amp)
+    return device, nullcontext()  # (where the classifiers are in fp32, so is the prior)
 
 
 # ==========================================================================================
@@ -1144,12 +1165,14 @@ def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str, ignore=
 def write_config(folder: Path, args: dict, derived: dict, device: torch.device,
                  ctx=nullcontext()):
     """config.json: arguments, derived values, versions, git commit, device and the precision
-    the device context resolved to (amp: 'bf16' or 'off')."""
+    the device context resolved to (amp: the classifiers', amp_prior: the DiT's and VAE's;
+    'bf16' or 'off')."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     write_json(Path(folder) / "config.json", {
         "args": jsonable(args), "derived": jsonable(derived), "versions": versions(),
         "git_commit": git_commit(), "device": str(device), "device_name": name,
-        "threads": torch.get_num_threads(), "amp": amp_of(ctx)})
+        "threads": torch.get_num_threads(), "amp": amp_of(ctx),
+        "amp_prior": amp_of(prior_ctx(ctx))})
 
 
 def read_run_info(run: Path) -> DatasetInfo:

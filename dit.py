@@ -462,7 +462,7 @@ def guided_step(prior: Prior, x, t, y_dit, y, cfg: float, sched, gens: list,
         xg = x.detach().requires_grad_(guided)
         # the DiT runs with a graph only when a term's gradient goes back through eps
         eps_grad = guided and bool(guide.terms) and not guide.eps_const
-        with ctx, nullcontext() if eps_grad else torch.no_grad():
+        with C.prior_ctx(ctx), nullcontext() if eps_grad else torch.no_grad():
             eps, var = prior.eps(xg, t, y_dit, cfg, sched)  # (B, C, H, W), var or None
         out = eps.detach() if var is None else torch.cat([eps.detach(), var.detach()], 1)
         x_prev = sched.step(out.float(), t, x, generator=gens).prev_sample  # (B, C, H, W)
@@ -472,8 +472,10 @@ def guided_step(prior: Prior, x, t, y_dit, y, cfg: float, sched, gens: list,
         if guide.terms:
             a = sched.alphas_cumprod[int(t)].to(x.device)  # abar_t, a scalar
             x0 = (xg - (1 - a).sqrt() * eps) / a.sqrt()  # (B, C, H, W) predicted clean sample
+            with C.prior_ctx(ctx):
+                img = prior.decode(x0)  # (B, C', H', W') in [0, 1]
             with ctx:
-                G = objective(guide.terms, prior.decode(x0), y)  # (B,)
+                G = objective(guide.terms, img, y)  # (B,)
             g, = torch.autograd.grad(G.sum(), xg)  # samples are independent: row b = dG_b/dx_b
             rho = guide.c0 * _rms(eps.detach()) / (_rms(g) + 1e-12) * (1 - a).sqrt()  # (B,1,1,1)
             delta = delta + guide.scale * rho * g
@@ -541,10 +543,12 @@ def sample(prior: Prior, y: torch.Tensor, seeds: list, *, steps=50, cfg=4.0,
         for i, t in enumerate(sched.timesteps):
             guide = guidance if guidance is not None and guidance.active(i, steps) else None
             x = guided_step(prior, x, t, y_dit, yk, cfg, sched, gens, guide, ctx).detach()
-        with torch.no_grad(), ctx:
-            img = prior.decode(x).float()  # (n * kappa, C, H, W)
-            sc = score(img, yk).float() if score is not None else \
-                torch.zeros(len(yk), device=img.device)
+        with torch.no_grad():
+            with C.prior_ctx(ctx):
+                img = prior.decode(x).float()  # (n * kappa, C, H, W)
+            with ctx:
+                sc = score(img, yk).float() if score is not None else \
+                    torch.zeros(len(yk), device=img.device)
         # keep the best candidate of each slot: index of its row in the batch
         best = sc.view(len(slots), candidates).argmax(1) + \
             torch.arange(len(slots), device=img.device) * candidates

@@ -59,6 +59,7 @@ def reference_delt(run, ipc, iterations, round_iterations, init, seed=0):
     write. Returns (final uint8 images class-major, init images, the tensor after each step)."""
     info = common.read_run_info(run)
     teacher = common.load_run_teacher(run, info, "cpu").requires_grad_(False)
+    _, ctx = common.setup_device("cpu", "auto")  # the teacher's precision in 02's loop
     _, real, _ = common.load_dataset("mnist5k")
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0]).generate_state(1)[0]))
     y = torch.arange(10).repeat_interleave(ipc)
@@ -81,7 +82,8 @@ def reference_delt(run, ipc, iterations, round_iterations, init, seed=0):
     opt = torch.optim.Adam([z], lr=0.25, betas=(0.5, 0.9))
     bns = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     feats = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o: feats.__setitem__(mod, i[0])) for m in bns]
+    hooks = [m.register_forward_hook(lambda mod, i, o: feats.__setitem__(mod, i[0].float()))
+             for m in bns]  # the statistics in fp32, whatever the forward pass ran in
     trace = []
     for t in range(iterations):
         opt.param_groups[0]["lr"] = 0.125 * (1 + math.cos(math.pi * t / iterations))
@@ -89,7 +91,9 @@ def reference_delt(run, ipc, iterations, round_iterations, init, seed=0):
         s_min = 0.08 + 0.92 * (1 + math.cos(math.pi * t / iterations)) / 2
         xa = common.random_resized_crop(z[active] * std + mean, (s_min, 1.0), gen=gen,
                                         per_sample=False, flip=False)
-        ce = F.cross_entropy(teacher(xa), y[active])
+        with ctx:
+            logits = teacher(xa)
+        ce = F.cross_entropy(logits.float(), y[active])
         r = sum(w * ((feats[m].mean((0, 2, 3)) - m.running_mean).norm() +
                      (feats[m].var((0, 2, 3), unbiased=False) - m.running_var).norm())
                 for w, m in zip([10.0] + [1.0] * (len(bns) - 1), bns))

@@ -49,13 +49,17 @@ def test_native_bf16_from_torch_capabilities(monkeypatch, caps, expected):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
     assert common.cpu_has_native_bf16() is expected
     device = torch.device("cpu")
-    # auto keeps every CPU in fp32, native bf16 or not (README, Precision: measured); on is on
-    assert common.resolve_amp("auto", device) is False
-    assert common.resolve_amp("on", device) and not common.resolve_amp("off", device)
+    # auto: bf16 for the classifiers where the CPU has native bf16, never for the DiT and VAE
+    # (README, Precision: measured); on is on for both, off for neither
+    assert common.resolve_amp("auto", device) is expected
+    assert common.resolve_amp("auto", device, "prior") is False
+    assert common.resolve_amp("on", device) and common.resolve_amp("on", device, "prior")
+    assert not common.resolve_amp("off", device)
     _, ctx = common.setup_device("cpu", "auto")
-    assert common.amp_of(ctx) == "off"
+    assert common.amp_of(ctx) == ("bf16" if expected else "off")
+    assert common.amp_of(common.prior_ctx(ctx)) == "off"
     _, ctx = common.setup_device("cpu", "on")
-    assert common.amp_of(ctx) == "bf16"
+    assert common.amp_of(ctx) == "bf16" and common.amp_of(common.prior_ctx(ctx)) == "bf16"
 
 
 @pytest.mark.parametrize("flags,expected", [("fpu sse2 avx2 fma", False),
@@ -85,13 +89,22 @@ def test_amp_flag_and_cuda_default(monkeypatch):
     assert common.amp_of(torch.autocast("cpu", dtype=torch.bfloat16)) == "bf16"
 
 
-def test_auto_is_fp32_on_this_cpu_and_config_json_says_so(tmp_path):
-    """auto is off on this CPU, whatever its bf16 support: the numbers of the embedded run do
-    not depend on which CPU made them beyond the last bits of fp32 kernels."""
+def test_auto_on_this_cpu_and_config_json_says_so(tmp_path):
+    """auto puts the classifiers in bf16 exactly where this CPU has native bf16, the DiT and VAE
+    never; config.json records both, and a classifier's forward pass under the context is bf16
+    while the prior's is fp32."""
     device, ctx = common.setup_device("cpu", "auto")
-    assert common.amp_of(ctx) == "off"
+    native = common.cpu_has_native_bf16()
+    assert common.amp_of(ctx) == ("bf16" if native else "off")
+    assert common.amp_of(common.prior_ctx(ctx)) == "off"
     common.write_config(tmp_path, {"amp": "auto"}, {}, device, ctx)
-    assert json.loads((tmp_path / "config.json").read_text())["amp"] == common.amp_of(ctx)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["amp"] == common.amp_of(ctx) and cfg["amp_prior"] == "off"
+    lin = torch.nn.Linear(4, 4)
+    with ctx:
+        assert lin(torch.randn(2, 4)).dtype == (torch.bfloat16 if native else torch.float32)
+        with common.prior_ctx(ctx):  # nested inside the classifiers' autocast: still fp32
+            assert lin(torch.randn(2, 4)).dtype == torch.float32
 
 
 def test_logged_measurements_are_fp32_under_bf16_autocast():
