@@ -63,7 +63,7 @@ bench-speed: setup
 	$(PY) benchmarks/bench_speed.py --run $(RUN)
 
 # each model's step in fp32 and under bf16 autocast on this CPU, and students trained in both
-# (why --amp auto keeps a CPU in fp32: README, Precision; ~6 min on 2 cores)
+# (why --amp auto gives a native-bf16 CPU bf16 for the classifiers only: README, Precision; ~6 min on 2 cores)
 bench-amp: setup
 	$(PY) benchmarks/bench_amp.py --accuracy
 

@@ -13,8 +13,8 @@ subsets of IPC 10 and 50, --seeds seeds each, in both precisions: final-epoch te
 mean +- std, and the wall time of the seeds
 (~6 min on 2 cores).
 
-`--amp auto` is off on a CPU (common.resolve_amp): the DiT and VAE are slower in bf16 here, and
-the students' gain would move every number of an fp32 run; `--amp on` takes it.
+What `--amp auto` follows on a CPU with native bf16 (common.resolve_amp): the classifiers' steps
+gain, so they take bf16; the DiT and VAE lose, so they stay fp32.
 
     .venv/bin/python benchmarks/bench_amp.py [--accuracy]
 """
