@@ -16,14 +16,19 @@ Student training (convnet-3, hard labels, AdamW, CutMix + random-resized crop, b
   ours       common.fit on a uint8 split held as one tensor, batched augmentations
   reference  a DataLoader with per-sample torchvision.transforms.v2.RandomResizedCrop and a
              per-batch v2.CutMix (the IDC / DD-Ranking trainers), 0 and 2 workers
+Precision: ours runs as 02 and 03 do by default (--amp auto: on a CPU with native bf16 the
+classifiers, i.e. the students and the guidance terms' f_cur and f_ref, under bf16 autocast and the
+DiT and VAE in fp32; elsewhere all fp32); the reference loops are fp32, as the reference code bases.
 FLOPs come from torch.utils.flop_counter.FlopCounterMode (CPU attention added by its own
-formula); the fraction is achieved FLOP/s over the peak measured above.
+formula); the fraction is achieved FLOP/s over the peak measured above in the same precision
+(students in bf16: the conv peak under bf16 autocast, measured too).
 
 The DiT and the models are the run's (--run) when it exists, else randomly initialised ones of
 the same shapes (without a run: 01's default prior, a VAE with blocks 16/32/32 from 28 px to
 4x7x7 latents and a latent DiT of width 96, depth 4, patch 1, 10 classes, whose guided steps
 decode through the VAE), so nothing is downloaded; their speed does not depend on their weights.
-Usage: .venv/bin/python benchmarks/bench_speed.py [--run runs/mnist5k] [--threads N]
+Usage: .venv/bin/python benchmarks/bench_speed.py [--run runs/mnist5k] [--amp auto|on|off]
+       [--threads N]
 (`make bench-speed`, the first part of `make bench`; ~5 min alone on 2 cores, 25 min at load 8)
 """
 import argparse
@@ -31,6 +36,7 @@ import os
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -51,6 +57,10 @@ CPU_ATTENTION = {
     aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
 }
+
+
+def precision(ctx) -> str:
+    return "bf16" if C.amp_of(ctx) == "bf16" else "fp32"
 
 
 def load() -> str:
@@ -91,17 +101,19 @@ def matmul_peak(n=2048, reps=5) -> float:
     return 2 * n ** 3 / best_seconds(lambda: a @ b, reps)
 
 
-def conv_peak(batch=64, channels=128, size=28, reps=3) -> tuple:
-    """FLOP/s of a 3x3 conv (forward; forward + backward to input and weights)."""
+def conv_peak(batch=64, channels=128, size=28, reps=3, ctx=nullcontext()) -> tuple:
+    """FLOP/s of a 3x3 conv (forward; forward + backward to input and weights), under ctx."""
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
     x = torch.randn(batch, channels, size, size, requires_grad=True)
 
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), ctx:
             conv(x)
 
     def fwd_bwd():
-        conv(x).sum().backward()
+        with ctx:
+            y = conv(x)
+        y.float().sum().backward()
     return flops(fwd) / best_seconds(fwd, reps), flops(fwd_bwd) / best_seconds(fwd_bwd, reps)
 
 
@@ -173,7 +185,8 @@ def reference_sample(prior: dit.Prior, label: int, *, steps: int, cfg: float,
         return prior.decode(x)
 
 
-def sampling(prior, teacher, current, n_ours: int, n_ref: int, steps: int, peak: float):
+def sampling(prior, teacher, current, n_ours: int, n_ref: int, steps: int, peak: float,
+             ctx=nullcontext()):
     info = prior.info
     terms = dit.learnability_terms(current, teacher, 0.5)
     k = info.num_classes
@@ -209,7 +222,7 @@ def sampling(prior, teacher, current, n_ours: int, n_ref: int, steps: int, peak:
             steps * plain_f
         load0 = load()
         s_ours = timed(lambda: dit.sample(prior, y_ours, list(range(len(y_ours))), steps=steps,
-                                          cfg=4.0, guidance=guide,
+                                          cfg=4.0, guidance=guide, ctx=ctx,
                                           batch_size=len(y_ours), progress=False))
         load1 = load()
         # slot i's noise as dit.sample draws it (candidate 0 of seed i)
@@ -319,7 +332,8 @@ def reference_fit(model, data: C.Split, info, proto: C.Protocol, epochs: int, wo
         sched.step()
 
 
-def students(info, ipc: int, epochs: int, conv_peak_fb: float):
+def students(info, ipc: int, epochs: int, conv_peak_fb: float, ctx=nullcontext(),
+             conv_peak_ours: float | None = None):
     _, train, _ = C.load_dataset(info.name, info.root, info.size)
     perms = C.class_permutations(train.y, info.num_classes, 0)
     idx = torch.cat([p[:ipc] for p in perms])
@@ -331,18 +345,21 @@ def students(info, ipc: int, epochs: int, conv_peak_fb: float):
     step_f = flops(lambda: F.cross_entropy(model(xb), yb).backward())
     per_image = step_f / proto.batch_size
     runs = [("ours: common.fit, uint8 split, batched augmentation",
-             lambda m: C.fit(m, data, info, proto, epochs=epochs, seed=0, progress=False))]
+             lambda m: C.fit(m, data, info, proto, epochs=epochs, seed=0, ctx=ctx,
+                             progress=False))]
     runs += [(f"reference: DataLoader, per-sample v2 crops + v2.CutMix, {w} workers",
               lambda m, w=w: reference_fit(m, data, info, proto, epochs, w)) for w in (0, 2)]
     rates = []
-    for name, fn in runs:
+    for i, (name, fn) in enumerate(runs):
+        peak = conv_peak_ours if i == 0 and conv_peak_ours else conv_peak_fb
         torch.manual_seed(0)
         m = C.build_model("convnet-3", info)
         load0 = load()
         s = timed(lambda: fn(m))
         rates.append(n / s)
         print(f"  {name:66s} {n / s:6.0f} img/s ({n} images in {s:.1f} s; "
-              f"{100 * per_image * n / s / conv_peak_fb:3.0f} % of the conv peak; "
+              f"{100 * per_image * n / s / peak:3.0f} % of the "
+              f"{precision(ctx) if i == 0 else 'fp32'} conv peak; "
               f"{load0} -> {load()})", flush=True)
     best_ref = max(rates[1:])
     print(f"  ratio ours / the faster reference: {rates[0] / best_ref:.2f}x; "
@@ -361,6 +378,8 @@ def main():
     p.add_argument("--ipc", type=int, default=50, help="student training set: IPC real images")
     p.add_argument("--epochs", type=int, default=3, help="student epochs per measurement")
     p.add_argument("--train-batch", type=int, default=128, help="batch of the DiT training step")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                   help="ours' precision, as the scripts' --amp (default auto: as 02 and 03 run)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's, one per core); 1 is steadier when "
                         "other jobs load the machine")
@@ -372,17 +391,25 @@ def main():
           f"torch {torch.__version__}, native bf16: {C.cpu_has_native_bf16()}", flush=True)
     t_start = time.time()
     info, prior, teacher, current, source = models(a.run)
+    _, ctx = C.setup_device("cpu", a.amp)
+    print(f"ours: classifiers {precision(ctx)}, DiT and VAE {precision(C.prior_ctx(ctx))} "
+          f"(--amp {a.amp}); the reference loops fp32", flush=True)
     mm = matmul_peak()
     conv_f, conv_fb = conv_peak()
     print(f"\npeaks (fp32, best of the repetitions):\n  matmul 2048^2 {mm / 1e9:6.1f} GFLOP/s\n"
           f"  conv 3x3, 128 channels, batch 64 at 28x28: forward {conv_f / 1e9:.1f} GFLOP/s, "
           f"forward + backward {conv_fb / 1e9:.1f} GFLOP/s  ({load()})", flush=True)
+    conv_fb_ours = None
+    if precision(ctx) == "bf16":
+        _, conv_fb_ours = conv_peak(ctx=ctx)
+        print(f"  the same conv forward + backward under bf16 autocast: {conv_fb_ours / 1e9:.1f} "
+              f"GFLOP/s", flush=True)
     print(f"\nDiT sampling, {a.steps} DDPM steps, CFG 4; models from {source}:")
-    sampling(prior, teacher, current, a.images, a.ref_images, a.steps, mm)
+    sampling(prior, teacher, current, a.images, a.ref_images, a.steps, mm, ctx)
     print("\nDiT forward / backward alone (target >= 40 % of the matmul peak):")
     dit_kernels(prior, 2 * a.images, a.train_batch, mm)
     print(f"\nstudent training, convnet-3 hard protocol, IPC {a.ipc}, {a.epochs} epochs each:")
-    students(info, a.ipc, a.epochs, conv_fb)
+    students(info, a.ipc, a.epochs, conv_fb, ctx, conv_fb_ours)
     print(f"\nend: {load()}; {time.time() - t_start:.0f} s")
 
 

@@ -149,6 +149,12 @@ def test_speed_benchmark_runs_and_its_reference_loop_is_faithful(tmp_path):
     for line in ("command: ", "matmul 2048^2", "plain  ratio", "guided ratio", "% of peak",
                  "ratio ours / the faster reference", "random initialisation"):
         assert line in p.stdout, (line, p.stdout[-2000:])
+    # ours runs in the precision the scripts' --amp auto gives this CPU, the reference in fp32
+    bf16 = common.cpu_has_native_bf16()
+    assert f"ours: classifiers {'bf16' if bf16 else 'fp32'}, DiT and VAE fp32 (--amp auto)" \
+        in p.stdout, p.stdout[:1500]
+    assert ("under bf16 autocast:" in p.stdout) == bf16
+    assert "% of the bf16 conv peak" in p.stdout if bf16 else "% of the fp32 conv peak" in p.stdout
 
 
 def test_amp_benchmark_prints_every_ratio():
