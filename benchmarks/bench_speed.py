@@ -332,8 +332,10 @@ def reference_fit(model, data: C.Split, info, proto: C.Protocol, epochs: int, wo
         sched.step()
 
 
-def students(info, ipc: int, epochs: int, conv_peak_fb: float, ctx=nullcontext(),
+def students(info, ipc: int, epochs: int, conv_peak_fp32: float, ctx=nullcontext(),
              conv_peak_ours: float | None = None):
+    """Ours under ctx against the fp32 reference loops; conv_peak_ours: the conv peak in ctx's
+    precision (default: the fp32 one)."""
     _, train, _ = C.load_dataset(info.name, info.root, info.size)
     perms = C.class_permutations(train.y, info.num_classes, 0)
     idx = torch.cat([p[:ipc] for p in perms])
@@ -344,22 +346,23 @@ def students(info, ipc: int, epochs: int, conv_peak_fb: float, ctx=nullcontext()
     yb = torch.arange(proto.batch_size) % info.num_classes
     step_f = flops(lambda: F.cross_entropy(model(xb), yb).backward())
     per_image = step_f / proto.batch_size
+    # (name, training call, conv peak and its precision for the fraction)
     runs = [("ours: common.fit, uint8 split, batched augmentation",
              lambda m: C.fit(m, data, info, proto, epochs=epochs, seed=0, ctx=ctx,
-                             progress=False))]
+                             progress=False),
+             conv_peak_ours or conv_peak_fp32, precision(ctx))]
     runs += [(f"reference: DataLoader, per-sample v2 crops + v2.CutMix, {w} workers",
-              lambda m, w=w: reference_fit(m, data, info, proto, epochs, w)) for w in (0, 2)]
+              lambda m, w=w: reference_fit(m, data, info, proto, epochs, w),
+              conv_peak_fp32, "fp32") for w in (0, 2)]
     rates = []
-    for i, (name, fn) in enumerate(runs):
-        peak = conv_peak_ours if i == 0 and conv_peak_ours else conv_peak_fb
+    for name, fn, peak, peak_precision in runs:
         torch.manual_seed(0)
         m = C.build_model("convnet-3", info)
         load0 = load()
         s = timed(lambda: fn(m))
         rates.append(n / s)
         print(f"  {name:66s} {n / s:6.0f} img/s ({n} images in {s:.1f} s; "
-              f"{100 * per_image * n / s / peak:3.0f} % of the "
-              f"{precision(ctx) if i == 0 else 'fp32'} conv peak; "
+              f"{100 * per_image * n / s / peak:3.0f} % of the {peak_precision} conv peak; "
               f"{load0} -> {load()})", flush=True)
     best_ref = max(rates[1:])
     print(f"  ratio ours / the faster reference: {rates[0] / best_ref:.2f}x; "

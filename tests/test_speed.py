@@ -154,7 +154,7 @@ def test_speed_benchmark_runs_and_its_reference_loop_is_faithful(tmp_path):
     assert f"ours: classifiers {'bf16' if bf16 else 'fp32'}, DiT and VAE fp32 (--amp auto)" \
         in p.stdout, p.stdout[:1500]
     assert ("under bf16 autocast:" in p.stdout) == bf16
-    assert "% of the bf16 conv peak" in p.stdout if bf16 else "% of the fp32 conv peak" in p.stdout
+    assert f"% of the {'bf16' if bf16 else 'fp32'} conv peak" in p.stdout
 
 
 def test_amp_benchmark_prints_every_ratio():
