@@ -692,7 +692,7 @@ def write_csv(path: Path, rows: list):
 
 def main():
     args = parse_args()
-    device, ctx = common.setup_device(args.device, args.amp)
+    device, ctx = common.setup_device(args.device, args.amp, args.compile)
     t_start, load_start = time.time(), common.load_average()
     ev = Evaluation(args, device, ctx)  # every input checked before anything is written
     r = common.ranks()

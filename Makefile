@@ -94,7 +94,7 @@ test: setup
 NOTEBOOKS ?= $(wildcard notebooks/*.ipynb)
 notebooks: setup
 	for n in $(NOTEBOOKS); do DD_RUN=$(abspath $(RUN)) $(PY) -m jupyter nbconvert --to notebook --execute \
-	  --inplace --ExecutePreprocessor.timeout=3600 $$n || exit 1; done
+	  --inplace --ExecutePreprocessor.timeout=7200 $$n || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache

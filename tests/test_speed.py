@@ -167,3 +167,63 @@ def test_amp_benchmark_prints_every_ratio():
         "VAE train step", "ConvNet-3 train step"], p.stdout
     for _, t32, t16, ratio in rows:
         assert abs(float(t32) / float(t16) - float(ratio)) < 0.02 * float(ratio) + 0.01
+
+
+def test_compile_flag_decides_by_device_length_and_mode(monkeypatch):
+    p = argparse.ArgumentParser()
+    common.add_common_args(p, run_help="")
+    assert p.parse_args([]).compile == "auto" and p.parse_args(["--compile", "off"]).compile == "off"
+    cpu, cuda, long = torch.device("cpu"), torch.device("cuda"), common.COMPILE_MIN_STEPS
+    monkeypatch.setitem(common.COMPILE, "mode", "auto")
+    monkeypatch.setattr(common.shutil, "which", lambda c: "/usr/bin/" + c)
+    assert common.compile_for(long, cpu) and not common.compile_for(long - 1, cpu)
+    assert not common.compile_for(10 * long, cuda)  # not measured on a GPU: eager there
+    monkeypatch.setattr(common.shutil, "which", lambda c: None)  # no C++ compiler: eager
+    assert not common.compile_for(long, cpu)
+    monkeypatch.setitem(common.COMPILE, "mode", "on")
+    assert common.compile_for(1, cpu) and common.compile_for(1, cuda)
+    monkeypatch.setitem(common.COMPILE, "mode", "off")
+    assert not common.compile_for(10 * long, cpu)
+    with pytest.raises(common.UserError, match="--compile must be one of"):
+        common.setup_device("cpu", "off", "sometimes")
+
+
+def test_compiled_fit_repeats_itself_and_its_step_matches_the_eager_step(monkeypatch, tmp_path):
+    """The compiled training step gives the same bytes for the same seed, and the eager step's
+    logits and gradients up to float rounding (Adam turns rounding of near-zero gradients into
+    steps of about the learning rate, so trained weights are compared for repeatability only);
+    `model` itself stays eager (its state_dict keys unchanged)."""
+    info, train, _ = common.load_dataset("mnist5k")
+    data = common.Split(train.x[:96], train.y[:96])
+    proto = common.Protocol("hard")  # 03's students' recipe: crops and CutMix
+
+    def trained(mode):
+        monkeypatch.setitem(common.COMPILE, "mode", mode)
+        torch.manual_seed(0)
+        model = common.build_model("convnet-1", info)
+        common.fit(model, data, info, proto, epochs=2, seed=3, progress=False)
+        return model.state_dict()
+
+    eager, comp, again = trained("off"), trained("on"), trained("on")
+    assert list(comp) == list(eager)  # no "_orig_mod." prefix: the module saved is the eager one
+    assert all(torch.equal(comp[k], again[k]) for k in comp)
+    assert not all(torch.equal(comp[k], eager[k]) for k in comp)  # compiled: another rounding
+
+    torch.manual_seed(0)
+    model = common.build_model("convnet-1", info)
+    x, y = common.to_float(train.x[:37]), train.y[:37]  # a batch size the fits above never had
+    out = []
+    for net in (model, torch.compile(model)):
+        model.zero_grad()
+        logits = net(x)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        out.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (le, ge), (lc, gc) = out
+    assert (le - lc).abs().max() < 1e-4 * le.abs().max()
+    # (+1e-6: the conv bias before instance norm has a gradient of zero up to rounding)
+    assert all((a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-6 for a, b in zip(ge, gc))
+    # a folder made under another --compile resumes: it changes the last bits, not the work
+    common.prepare_folder(tmp_path / "job", {"compile": "on", "lr": 0.1}, False, "job")
+    common.write_config(tmp_path / "job", {"compile": "on", "lr": 0.1}, {}, torch.device("cpu"))
+    assert json.loads((tmp_path / "job" / "config.json").read_text())["compile"] == "on"
+    common.prepare_folder(tmp_path / "job", {"compile": "off", "lr": 0.1}, False, "job")
