@@ -102,7 +102,9 @@ def parse_args(argv=None):
     g.add_argument("--dit-eval-every", type=common.nonneg_int, default=0,
                    help="steps between sample-accuracy probes (20 per class) logged in metrics.json; 0 = off")
     g = p.add_argument_group("sampling (for the sample accuracy)")
-    g.add_argument("--sample-steps", type=common.positive_int, default=50, help="DDPM ancestral steps (papers: 50)")
+    g.add_argument("--sample-steps", type=common.positive_int, default=None,
+                   help="DDPM ancestral steps (default by --scale: " +
+                        ", ".join(f"{k} {v}" for k, v in dit.SAMPLE_STEPS.items()) + ")")
     g.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale (default by --scale: " +
                         ", ".join(f"{k} {v}" for k, v in dit.CFG.items()) + ")")
@@ -593,15 +595,18 @@ def measure_dit(args, info, train, test, device, ctx, teacher, prior, timings, e
 
 def main():
     args = parse_args()
-    device, ctx = common.setup_device(args.device, args.amp)
+    device, ctx = common.setup_device(args.device, args.amp, args.compile)
     t0 = time.time()
     info, train, test = common.load_dataset(args.dataset, args.data_root, args.size)
     # every flag is checked before anything is written, so a typo leaves no half-made folder behind
     common.check_model(args.model, info)
     parse_epochs(args.keep_epochs, args.epochs)
     surrogate = surrogate_settings(args, info)
+    scale = common.resolve_scale(args.scale, info.name)
     if args.cfg is None:
-        args.cfg = dit.CFG[common.resolve_scale(args.scale, info.name)]
+        args.cfg = dit.CFG[scale]
+    if args.sample_steps is None:
+        args.sample_steps = dit.SAMPLE_STEPS[scale]
     if args.teacher is not None:
         common.load_classifier(args.teacher, info, "cpu")
     if args.dit is not None and args.prior != "pixel":

@@ -159,8 +159,9 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="check the inputs, print the resolved plan as JSON, write nothing")
     g = p.add_argument_group("DiT sampling")
-    g.add_argument("--sample-steps", type=common.positive_int, default=50,
-                   help="DDPM ancestral steps (papers: 50)")
+    g.add_argument("--sample-steps", type=common.positive_int, default=None,
+                   help="DDPM ancestral steps (default by --scale: " +
+                        ", ".join(f"{k} {v}" for k, v in dit.SAMPLE_STEPS.items()) + ")")
     g.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale (default by --scale: " +
                         ", ".join(f"{k} {v}" for k, v in dit.CFG.items()) + ")")
@@ -922,6 +923,8 @@ def plan(args, device, ctx) -> Job:
     scale = common.resolve_scale(args.scale, info.name)
     if args.cfg is None:  # resolved before config.json records the arguments
         args.cfg = dit.CFG[scale]
+    if args.sample_steps is None:
+        args.sample_steps = dit.SAMPLE_STEPS[scale]
     settings = resolve_settings(args, scale)
     counts = method.stages(args, settings)
     # the reference model is frozen: guidance needs its gradients with respect to images only
@@ -943,7 +946,7 @@ def plan(args, device, ctx) -> Job:
 
 def main():
     args = parse_args()
-    device, ctx = common.setup_device(args.device, args.amp)
+    device, ctx = common.setup_device(args.device, args.amp, args.compile)
     t_start, load_start = time.time(), common.load_average()
     job = plan(args, device, ctx)
     r = common.ranks()
