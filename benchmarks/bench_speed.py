@@ -14,6 +14,8 @@ Sampling (plain CFG and learnability-guided, 50 DDPM steps, CFG 4, window [10, 4
              checked against dit.sample at batch 1 from the same slot seed (the same numbers).
 Student training (convnet-3, hard labels, AdamW, CutMix + random-resized crop, batch 64):
   ours       common.fit on a uint8 split held as one tensor, batched augmentations
+             eager, and (where a C++ compiler is on PATH) through torch.compile as 03's
+             students run by default (--compile auto), timed after one warm-up fit
   reference  a DataLoader with per-sample torchvision.transforms.v2.RandomResizedCrop and a
              per-batch v2.CutMix (the IDC / DD-Ranking trainers), 0 and 2 workers
 Precision: ours runs as 02 and 03 do by default (--amp auto: on a CPU with native bf16 the
@@ -34,6 +36,7 @@ Usage: .venv/bin/python benchmarks/bench_speed.py [--run runs/mnist5k] [--amp au
 import argparse
 import os
 import shlex
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -354,6 +357,22 @@ def students(info, ipc: int, epochs: int, conv_peak_fp32: float, ctx=nullcontext
     runs += [(f"reference: DataLoader, per-sample v2 crops + v2.CutMix, {w} workers",
               lambda m, w=w: reference_fit(m, data, info, proto, epochs, w),
               conv_peak_fp32, "fp32") for w in (0, 2)]
+    compiler = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    if compiler:  # 03's students as --compile auto runs them (fits of >= COMPILE_MIN_STEPS steps)
+        def compiled(m):
+            mode = C.COMPILE["mode"]
+            C.COMPILE["mode"] = "on"
+            try:
+                C.fit(m, data, info, proto, epochs=epochs, seed=0, ctx=ctx, progress=False)
+            finally:
+                C.COMPILE["mode"] = mode
+        s = timed(lambda: compiled(C.build_model("convnet-3", info)))
+        print(f"  torch.compile's warm-up fit (compiles once per process; inductor's on-disk cache "
+              f"as found): {s:.1f} s", flush=True)
+        runs.append(("ours: common.fit under torch.compile (--compile), after the warm-up",
+                     compiled, conv_peak_ours or conv_peak_fp32, precision(ctx)))
+    else:
+        print("  no C++ compiler on PATH: the torch.compile'd fit is not measured")
     rates = []
     for name, fn, peak, peak_precision in runs:
         torch.manual_seed(0)
@@ -364,9 +383,12 @@ def students(info, ipc: int, epochs: int, conv_peak_fp32: float, ctx=nullcontext
         print(f"  {name:66s} {n / s:6.0f} img/s ({n} images in {s:.1f} s; "
               f"{100 * per_image * n / s / peak:3.0f} % of the {peak_precision} conv peak; "
               f"{load0} -> {load()})", flush=True)
-    best_ref = max(rates[1:])
+    best_ref = max(rates[1:3])
     print(f"  ratio ours / the faster reference: {rates[0] / best_ref:.2f}x; "
           f"{per_image / 1e6:.0f} MFLOP per training image (convnet-3, forward + backward)")
+    if compiler:
+        print(f"  ratio ours compiled / the faster reference: {rates[3] / best_ref:.2f}x "
+              f"({rates[3] / rates[0]:.2f}x the eager fit)")
     return rates
 
 
