@@ -87,7 +87,7 @@ bench-delt: setup
 # module's fixtures are built once; xdist hands out the files with the most tests first), the first
 # notebook to need the shared ci run builds it while the others wait; the 25 slowest steps at the end
 test: setup
-	OMP_NUM_THREADS=1 DD_NB_SCALE=ci $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 --nbval-lax --nbval-current-env \
+	OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 DD_NB_SCALE=ci $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 --nbval-lax --nbval-current-env \
 	  --nbval-cell-timeout=900 tests notebooks
 
 # re-execute the notebooks at the small scale on $(RUN) (after `make demo`) and save them with outputs

@@ -1,8 +1,14 @@
 """Shared fixtures: the repository on sys.path, tiny data sets and a tiny run of 01 made once per session;
 scripts run as a user would by forkrun.python."""
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+# torch.compile (--compile) compiles its C++ in a thread pool; a script forked from a process whose
+# pool has run (forkrun) waits forever on threads that a fork does not copy. One compile thread
+# compiles in the calling thread instead; set before torch is imported, inherited by notebooks' kernels
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import numpy as np
 import pytest

@@ -26,11 +26,15 @@ def python(script, *args, cwd=ROOT, env=None, timeout=600):
     module's docstring): a process of its own (exit code, output, flocks and
     atexit handlers its own, nothing leaking back), with the project's modules imported afresh
     from disk and the random generators as a new interpreter has them. Safe means a POSIX fork,
-    one torch thread (a fork after OpenMP threads ran can hang; `make test` sets one) and CUDA
-    untouched; otherwise, and for DD_TEST_FORK=0, a real subprocess."""
+    one torch thread (a fork after OpenMP threads ran can hang; `make test` sets one), inductor
+    compiling in the calling thread (its compile pool's threads are not forked either; conftest sets
+    TORCHINDUCTOR_COMPILE_THREADS=1) and CUDA untouched; otherwise, and for DD_TEST_FORK=0, a real
+    subprocess."""
     argv = [str(script), *map(str, args)]
+    inductor = sys.modules.get("torch._inductor.config")
     if not (hasattr(os, "fork") and os.environ.get("DD_TEST_FORK", "1") != "0"
-            and torch.get_num_threads() == 1 and not torch.cuda.is_initialized()):
+            and torch.get_num_threads() == 1 and not torch.cuda.is_initialized()
+            and (inductor is None or (inductor.compile_threads or 2) <= 1)):
         return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=cwd,
                               env=env, timeout=timeout)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
