@@ -315,6 +315,11 @@ def amp_of(ctx) -> str:
 COMPILE = {"mode": "off"}  # --compile as setup_device resolved it, read by fit
 
 
+def has_cxx_compiler() -> bool:
+    """Is a C++ compiler on PATH? torch.compile's inductor writes C++ on a CPU."""
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
 def compile_for(steps: int, device: torch.device) -> bool:
     """Does a fit of `steps` optimiser steps on `device` run torch.compile'd (--compile)?
 
@@ -327,7 +332,7 @@ def compile_for(steps: int, device: torch.device) -> bool:
     if mode != "auto":
         return mode == "on"
     return (torch.device(device).type == "cpu" and steps >= COMPILE_MIN_STEPS
-            and any(shutil.which(c) for c in ("c++", "g++", "clang++")))
+            and has_cxx_compiler())
 
 
 def setup_device(name: str, amp: str | bool = "auto", compile_mode: str = "auto"):

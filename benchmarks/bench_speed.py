@@ -36,7 +36,6 @@ Usage: .venv/bin/python benchmarks/bench_speed.py [--run runs/mnist5k] [--amp au
 import argparse
 import os
 import shlex
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -349,16 +348,15 @@ def students(info, ipc: int, epochs: int, conv_peak_fp32: float, ctx=nullcontext
     yb = torch.arange(proto.batch_size) % info.num_classes
     step_f = flops(lambda: F.cross_entropy(model(xb), yb).backward())
     per_image = step_f / proto.batch_size
-    # (name, training call, conv peak and its precision for the fraction)
-    runs = [("ours: common.fit, uint8 split, batched augmentation",
+    # (kind, name, training call, conv peak and its precision for the fraction)
+    runs = [("ours", "ours: common.fit, uint8 split, batched augmentation",
              lambda m: C.fit(m, data, info, proto, epochs=epochs, seed=0, ctx=ctx,
                              progress=False),
              conv_peak_ours or conv_peak_fp32, precision(ctx))]
-    runs += [(f"reference: DataLoader, per-sample v2 crops + v2.CutMix, {w} workers",
+    runs += [("reference", f"reference: DataLoader, per-sample v2 crops + v2.CutMix, {w} workers",
               lambda m, w=w: reference_fit(m, data, info, proto, epochs, w),
               conv_peak_fp32, "fp32") for w in (0, 2)]
-    compiler = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
-    if compiler:  # 03's students as --compile auto runs them (fits of >= COMPILE_MIN_STEPS steps)
+    if C.has_cxx_compiler():  # 03's students as --compile auto runs them (>= COMPILE_MIN_STEPS)
         def compiled(m):
             mode = C.COMPILE["mode"]
             C.COMPILE["mode"] = "on"
@@ -369,26 +367,26 @@ def students(info, ipc: int, epochs: int, conv_peak_fp32: float, ctx=nullcontext
         s = timed(lambda: compiled(C.build_model("convnet-3", info)))
         print(f"  torch.compile's warm-up fit (compiles once per process; inductor's on-disk cache "
               f"as found): {s:.1f} s", flush=True)
-        runs.append(("ours: common.fit under torch.compile (--compile), after the warm-up",
+        runs.append(("compiled", "ours: common.fit under torch.compile (--compile), after the warm-up",
                      compiled, conv_peak_ours or conv_peak_fp32, precision(ctx)))
     else:
         print("  no C++ compiler on PATH: the torch.compile'd fit is not measured")
-    rates = []
-    for name, fn, peak, peak_precision in runs:
+    rates = {}  # kind -> img/s, the faster of the references
+    for kind, name, fn, peak, peak_precision in runs:
         torch.manual_seed(0)
         m = C.build_model("convnet-3", info)
         load0 = load()
         s = timed(lambda: fn(m))
-        rates.append(n / s)
+        rates[kind] = max(rates.get(kind, 0.0), n / s)
         print(f"  {name:66s} {n / s:6.0f} img/s ({n} images in {s:.1f} s; "
               f"{100 * per_image * n / s / peak:3.0f} % of the {peak_precision} conv peak; "
               f"{load0} -> {load()})", flush=True)
-    best_ref = max(rates[1:3])
-    print(f"  ratio ours / the faster reference: {rates[0] / best_ref:.2f}x; "
+    print(f"  ratio ours / the faster reference: {rates['ours'] / rates['reference']:.2f}x; "
           f"{per_image / 1e6:.0f} MFLOP per training image (convnet-3, forward + backward)")
-    if compiler:
-        print(f"  ratio ours compiled / the faster reference: {rates[3] / best_ref:.2f}x "
-              f"({rates[3] / rates[0]:.2f}x the eager fit)")
+    if "compiled" in rates:
+        print(f"  ratio ours compiled / the faster reference: "
+              f"{rates['compiled'] / rates['reference']:.2f}x "
+              f"({rates['compiled'] / rates['ours']:.2f}x the eager fit)")
     return rates
 
 

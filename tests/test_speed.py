@@ -3,7 +3,6 @@ resolves to, and benchmarks/bench_speed.py at tiny settings (so that it cannot r
 import argparse
 import json
 import re
-import shutil
 from contextlib import nullcontext
 
 import pytest
@@ -156,8 +155,8 @@ def test_speed_benchmark_runs_and_its_reference_loop_is_faithful(tmp_path):
         in p.stdout, p.stdout[:1500]
     assert ("under bf16 autocast:" in p.stdout) == bf16
     assert f"% of the {'bf16' if bf16 else 'fp32'} conv peak" in p.stdout
-    compiler = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
-    assert ("ratio ours compiled / the faster reference" in p.stdout) == compiler, p.stdout[-1500:]
+    assert ("ratio ours compiled / the faster reference" in p.stdout) == common.has_cxx_compiler(), \
+        p.stdout[-1500:]
 
 
 def test_amp_benchmark_prints_every_ratio():
@@ -191,8 +190,7 @@ def test_compile_flag_decides_by_device_length_and_mode(monkeypatch):
         common.setup_device("cpu", "off", "sometimes")
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                    reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.skipif(not common.has_cxx_compiler(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_fit_repeats_itself_and_its_step_matches_the_eager_step(monkeypatch, tmp_path):
     """The compiled training step gives the same bytes for the same seed, and the eager step's
     logits and gradients up to float rounding (Adam turns rounding of near-zero gradients into
