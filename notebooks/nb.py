@@ -1,18 +1,19 @@
-"""What every notebook shares: the settings of its scale, the run it reads, and a few small helpers.
+"""What every notebook shares: the settings of its scale, the run it reads, and small helpers.
 
 Two scales, chosen by the environment variable DD_NB_SCALE:
-  small (default)  the embedded-default run of `make demo` (runs/mnist5k, IPC 10 and 50 sets, 03's
-                   results); ablations a notebook needs beyond it are made once under <run>/ablations/.
-  ci               a tiny run built here on first use (runs/nb-ci: 1-epoch teacher, a 200-step DiT, IPC 5
-                   sets from 10-step sampling); `make test` executes every notebook at this scale with
-                   nbval, so each figure is computed from scratch, only smaller (IPC 5 as 5 stages of 1).
+  small (default)  the embedded-default run of `make demo` (runs/mnist5k, IPC 10 and 50 sets,
+                   03's results); ablations a notebook needs beyond it are made once under
+                   <run>/ablations/.
+  ci               a tiny run built here on first use (runs/nb-ci: 1-epoch teacher, a 200-step
+                   DiT, IPC 5 sets from 10-step sampling); `make test` executes every notebook at
+                   this scale with nbval, so each figure is computed from scratch, only smaller
+                   (IPC 5 as 5 stages of 1).
 DD_RUN overrides the run folder of either scale. Nothing here is specific to one notebook.
 """
 import fcntl
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -41,10 +42,11 @@ MAKE_EVAL_ARGS = _make_variable("EVAL_ARGS")  # how `make demo` runs 03
 # every number a notebook uses that depends on the scale; a notebook prints S in its first cell
 SETTINGS = {
     "small": {"run": ROOT / "runs/mnist5k", "ipc": 50, "ipc_low": 10, "stages": 5, "epochs": 40,
-              "epochs_low": 80, "seeds": 3, "ablation_ipc": 10, "acs_lams": [0, 15], "toy_steps": 200,
-              "convergence_factors": [1, 2, 4, 8], "eval_args": MAKE_EVAL_ARGS},
-    "ci": {"run": ROOT / "runs/nb-ci", "ipc": 5, "ipc_low": 5, "stages": 5, "epochs": 8, "epochs_low": 8,
-           "seeds": 2, "ablation_ipc": 5, "acs_lams": [0, 15], "toy_steps": 60, "convergence_factors": [1, 2],
+              "epochs_low": 80, "seeds": 3, "ablation_ipc": 10, "acs_lams": [0, 15],
+              "toy_steps": 200, "convergence_factors": [1, 2, 4, 8], "eval_args": MAKE_EVAL_ARGS},
+    "ci": {"run": ROOT / "runs/nb-ci", "ipc": 5, "ipc_low": 5, "stages": 5, "epochs": 8,
+           "epochs_low": 8, "seeds": 2, "ablation_ipc": 5, "acs_lams": [0, 15], "toy_steps": 60,
+           "convergence_factors": [1, 2],
            "eval_args": ["--epochs", "8", "--full-epochs", "1", "--seeds", "2", *MAKE_EVAL_ARGS]},
 }
 S = dict(SETTINGS[SCALE], scale=SCALE)
@@ -55,9 +57,11 @@ if os.environ.get("DD_RUN"):
     S["run"] = Path(os.environ["DD_RUN"])
 RUN = S["run"]
 
-# tiny settings for the ci scale: 01 (teacher with BatchNorm for DELT, a small DiT) and 02 per method
-CI_01 = ["--vae-steps", "50", "--vae-batch", "64", "--model", "convnet-3-bn", "--epochs", "1", "--dit-steps", "200", "--dit-width", "64", "--dit-depth", "2",
-         "--dit-ckpt-every", "100", "--samples-per-class", "2", "--sample-steps", "10"]
+# tiny settings for the ci scale: 01 (teacher with BatchNorm for DELT, a small DiT) and 02 per
+# method
+CI_01 = ["--vae-steps", "50", "--vae-batch", "64", "--model", "convnet-3-bn", "--epochs", "1",
+         "--dit-steps", "200", "--dit-width", "64", "--dit-depth", "2", "--dit-ckpt-every", "100",
+         "--samples-per-class", "2", "--sample-steps", "10"]
 CI_02 = {"random": [], "dit": ["--sample-steps", "10"],
          "lgd": ["--sample-steps", "10", "--guide-epochs", "10"],
          "acs": ["--sample-steps", "10", "--guide-epochs", "10"],
@@ -88,7 +92,8 @@ def _one_builder(fn):
 
 
 def script(name: str, *args, quiet=False) -> str:
-    """Run one of the numbered scripts as a user would; its stdout, or an error with its last lines."""
+    """Run one of the numbered scripts as a user would; its stdout, or an error with its last
+    lines."""
     t0 = time.time()
     if SCALE == "ci":  # under `make test`: in a fork of this kernel, whose imports are done
         p = fork_python(ROOT / name, *args, timeout=3600)
@@ -104,11 +109,12 @@ def script(name: str, *args, quiet=False) -> str:
 
 
 def plan(method: str, ipc: int, *flags) -> dict:
-    """02's plan for a set as `02_distill_stages.py --dry-run` prints it (scale, settings, images per
-    stage; DELT's join iteration of every rank), without making anything."""
+    """02's plan for a set as `02_distill_stages.py --dry-run` prints it (scale, settings, images
+    per stage; DELT's join iteration of every rank), without making anything."""
     ensure_run()
-    return json.loads(script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, *flags,
-                             "--dry-run", quiet=True).strip().splitlines()[-1])
+    out = script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, *flags,
+                 "--dry-run", quiet=True)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _finished(folder: Path) -> bool:
@@ -128,44 +134,46 @@ def distilled(method: str, ipc: int | None = None, name: str | None = None) -> P
     if SCALE == "ci":
         ensure_run()
         if not _finished(folder):
-            script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, *CI_02[method])
+            script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc,
+                   *CI_02[method])
     elif not _finished(folder):
-        raise FileNotFoundError(f"{folder} is missing or unfinished: run `make demo` first (or set DD_RUN)")
+        raise FileNotFoundError(f"{folder} is missing or unfinished: run `make demo` first "
+                                "(or set DD_RUN)")
     return folder
 
 
 @_one_builder
 def ablation(name: str, method: str, ipc: int, *flags) -> Path:
-    """A variant of a method (e.g. omega = 0) in <run>/ablations/<name>; made on first use, then reused."""
+    """A variant of a method (e.g. omega = 0) in <run>/ablations/<name>; made on first use, then
+    reused."""
     folder = RUN / "ablations" / name
     if not _finished(folder):
         ensure_run()
         extra = list(CI_02[method]) if SCALE == "ci" else []
-        if "constant" in flags and "--round-iterations" in extra:  # no join rounds on the constant schedule
+        # no join rounds on the constant schedule
+        if "constant" in flags and "--round-iterations" in extra:
             i = extra.index("--round-iterations")
             del extra[i:i + 2]
-        script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc, "--out", folder, *extra,
-               *flags)
+        script("02_distill_stages.py", "--run", RUN, "--method", method, "--ipc", ipc,
+               "--out", folder, *extra, *flags)
     return folder
 
 
 @_one_builder
 def ensure_run():
     """The run of 01: built here at the ci scale, required (from `make demo`) at the small scale."""
-    if SCALE == "ci" and (RUN / "dit" / "config.json").exists() and \
-            C.read_json(RUN / "dit" / "config.json")["args"].get("prior", "pixel") != "latent":
-        shutil.rmtree(RUN)  # a ci run of the pixel default (before issue 13): rebuilt on today's
     if (RUN / "teacher" / "metrics.json").exists() and (RUN / "dit" / "metrics.json").exists():
         return
     if SCALE != "ci":
-        raise FileNotFoundError(f"{RUN} has no finished 01 outputs: run `make demo` first (or set DD_RUN)")
+        raise FileNotFoundError(f"{RUN} has no finished 01 outputs: run `make demo` first "
+                                "(or set DD_RUN)")
     script("01_train_teacher.py", "--run", RUN, *CI_01)
 
 
 @_one_builder
 def evaluation() -> dict:
-    """results.json of 03 over the run's main sets (`make demo`'s <run>/eval/default); at the ci scale
-    the sets and the evaluation are made here first, with tiny students."""
+    """results.json of 03 over the run's main sets (`make demo`'s <run>/eval/default); at the ci
+    scale the sets and the evaluation are made here first, with tiny students."""
     out = RUN / "eval" / "default" / "results.json"
     if SCALE == "ci" and not out.exists():
         for ipc in sorted({S["ipc_low"], S["ipc"]}):
@@ -179,16 +187,18 @@ def evaluation() -> dict:
 
 @_one_builder
 def convergence(ipc: int, factor: int, methods=("dit", "lgd")) -> dict:
-    """results.json of 03 on the main sets of `methods` at `ipc` and the random baseline, with students
-    trained `factor` times the scale's epochs (<run>/eval/convergence-ipc<ipc>-x<factor>); made on
-    first use, then reused. 03's student cache makes factor 1 the students of the main evaluation."""
+    """results.json of 03 on the main sets of `methods` at `ipc` and the random baseline, with
+    students trained `factor` times the scale's epochs (<run>/eval/convergence-ipc<ipc>-x<factor>);
+    made on first use, then reused. 03's student cache makes factor 1 the students of the main
+    evaluation."""
     epochs = factor * (S["epochs_low"] if ipc == S["ipc_low"] else S["epochs"])
     name = f"convergence-ipc{ipc}-x{factor}"
     out = RUN / "eval" / name / "results.json"
     if not out.exists():
         sets = [distilled(m, ipc) for m in methods]
-        script("03_evaluate.py", "--run", RUN, "--name", name, "--epochs", epochs, "--seeds", S["seeds"],
-               "--baselines", "random", "--soft-methods", "none", "--analyses", "none", *sets)
+        script("03_evaluate.py", "--run", RUN, "--name", name, "--epochs", epochs,
+               "--seeds", S["seeds"], "--baselines", "random", "--soft-methods", "none",
+               "--analyses", "none", *sets)
     return json.loads(out.read_text())
 
 
@@ -213,8 +223,8 @@ def manifests(folder: Path) -> list:
 def grid(ax, x, nrow: int, title: str = ""):
     """Show uint8 or float images (N, C, H, W) as one grid on a matplotlib axis."""
     import torchvision
-    g = torchvision.utils.make_grid(C.to_float(x) if x.dtype == torch.uint8 else x, nrow=nrow, padding=1,
-                                    pad_value=1.0)
+    g = torchvision.utils.make_grid(C.to_float(x) if x.dtype == torch.uint8 else x, nrow=nrow,
+                                    padding=1, pad_value=1.0)
     ax.imshow(g.permute(1, 2, 0).cpu().numpy(), cmap="gray" if x.shape[1] == 1 else None)
     ax.set_axis_off()
     ax.set_title(title)

@@ -1,5 +1,6 @@
-"""Shared fixtures: the repository on sys.path, tiny data sets and a tiny run of 01 made once per session;
-scripts run as a user would by forkrun.python."""
+"""Shared fixtures: the repository on sys.path, tiny data sets and a tiny run of 01 made once per
+session; scripts run as a user would by forkrun.python."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,7 +8,8 @@ from pathlib import Path
 
 # torch.compile (--compile) compiles its C++ in a thread pool; a script forked from a process whose
 # pool has run (forkrun) waits forever on threads that a fork does not copy. One compile thread
-# compiles in the calling thread instead; set before torch is imported, inherited by notebooks' kernels
+# compiles in the calling thread instead; set before torch is imported, inherited by notebooks'
+# kernels
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import numpy as np
@@ -21,23 +23,34 @@ import common  # noqa: E402
 from forkrun import python  # noqa: E402,F401
 
 # tiny settings for 01: a 1-epoch teacher and a 20-step DiT are enough to test the contracts
-TINY_01 = ["--prior", "pixel", "--model", "convnet-1-bn", "--epochs", "1", "--dit-steps", "20", "--dit-width", "64", "--dit-depth", "1",
-           "--dit-ckpt-every", "10", "--samples-per-class", "2", "--sample-steps", "4"]
+TINY_01 = ["--prior", "pixel", "--model", "convnet-1-bn", "--epochs", "1", "--dit-steps", "20",
+           "--dit-width", "64", "--dit-depth", "1", "--dit-ckpt-every", "10",
+           "--samples-per-class", "2", "--sample-steps", "4"]
 
 
 def pytest_collection_modifyitems(config, items):
     """In a one-process run overview.ipynb goes first: it builds the shared ci run the other
     notebooks read (01, every set, 03). Under `make test` (pytest-xdist, --dist loadfile) the
     scheduler orders whole files by their number of tests, largest first, whatever the order
-    here; there the first notebook to need the run builds it (nb.py's lock) while the others wait."""
+    here; there the first notebook to need the run builds it (nb.py's lock) while the others
+    wait."""
     items.sort(key=lambda i: not i.nodeid.startswith("notebooks/overview.ipynb"))  # stable
+
+
+def load_script(name, script):
+    """A numbered script imported as module `name`, for unit tests of what it alone defines."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(script, *args, check=True):
     """Run one of the numbered scripts as a user would; returns the CompletedProcess."""
     p = python(ROOT / script, *args)
     if check and p.returncode != 0:
-        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-2000:]}\n"
+                             f"{p.stderr[-3000:]}")
     return p
 
 
@@ -79,15 +92,18 @@ def make_image_tree(root: Path, classes, n_train, n_val, size=16, mode="RGB", se
     return root
 
 
-def write_set(folder: Path, split: common.Split, info: common.DatasetInfo, method: str, stage_ipcs: list, seed=0,
-              repeat_first=False):
-    """A 02-layout folder of real images: stage_XX/<class>/<index:06d>.png + manifest.json, config.json.
+def write_set(folder: Path, split: common.Split, info: common.DatasetInfo, method: str,
+              stage_ipcs: list, seed=0, repeat_first=False):
+    """A 02-layout folder of real images: stage_XX/<class>/<index:06d>.png + manifest.json,
+    config.json.
 
-    Images are drawn class-balanced without replacement; repeat_first=True copies stage 1 into every stage.
+    Images are drawn class-balanced without replacement; repeat_first=True copies stage 1 into
+    every stage.
     """
     folder = Path(folder)
     g = torch.Generator().manual_seed(seed)
-    perms = [(split.y == c).nonzero().squeeze(1)[torch.randperm(int((split.y == c).sum()), generator=g)]
+    perms = [(split.y == c).nonzero().squeeze(1)[torch.randperm(int((split.y == c).sum()),
+                                                                 generator=g)]
              for c in range(info.num_classes)]
     start, index = 0, 0
     for k, ipc in enumerate(stage_ipcs):
@@ -95,7 +111,8 @@ def write_set(folder: Path, split: common.Split, info: common.DatasetInfo, metho
         lo = 0 if repeat_first else start
         for c, p in enumerate(perms):
             for i in p[lo:lo + ipc].tolist():
-                common.save_png(common.to_float(split.x[i]), d / info.classes[c] / f"{index:06d}.png")
+                common.save_png(common.to_float(split.x[i]),
+                                d / info.classes[c] / f"{index:06d}.png")
                 index += 1
         start += ipc
         common.write_json(d / "manifest.json", {"stage": k + 1, "ipc": ipc})

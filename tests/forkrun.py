@@ -61,7 +61,8 @@ def python(script, *args, cwd=ROOT, env=None, timeout=600):
         for f in (out, err):
             f.seek(0)
             text.append(f.read().decode(errors="replace"))
-    return subprocess.CompletedProcess([sys.executable, *argv], os.waitstatus_to_exitcode(status), *text)
+    return subprocess.CompletedProcess([sys.executable, *argv], os.waitstatus_to_exitcode(status),
+                                       *text)
 
 
 def _child(argv, cwd, env, out, err) -> int:

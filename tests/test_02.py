@@ -1,4 +1,5 @@
-"""02_distill_stages.py in subprocesses on the tiny run of 01: layout, determinism, resume, bad input."""
+"""02_distill_stages.py in subprocesses on the tiny run of 01: layout, determinism, resume, bad
+input."""
 import shutil
 
 import pytest
@@ -14,7 +15,8 @@ GUIDE = ["--guide-epochs", "2", "--guide-model", "convnet-1"]
 
 def distill(run, method, *extra, check=True):
     args = TINY_02 + (GUIDE if method in ("lgd", "acs") else [])
-    return run_script("02_distill_stages.py", "--run", run, "--method", method, *args, *extra, check=check)
+    return run_script("02_distill_stages.py", "--run", run, "--method", method, *args, *extra,
+                      check=check)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,8 @@ def run(tiny_run, tmp_path_factory):
 
 
 def files(folder):
-    """{relative path: content} of every image (bytes) and latent file (values), plus manifests without timings."""
+    """{relative path: content} of every image (bytes) and latent file (values), plus manifests
+    without timings."""
     out = {}
     for f in sorted(folder.rglob("*")):
         if f.suffix == ".png":
@@ -56,7 +59,8 @@ def test_each_method_writes_the_stage_contract(run, method):
         assert m["stage"] == k + 1 and m["counts"]["7"] == 2 and 0 <= m["reference_acc"] <= 100
         assert len(m["scores"]["ce_reference"]) == 20
     if method == "random":  # real training images, disjoint across stages
-        idx = [common.read_json(out / f"stage_{k:02d}" / "manifest.json")["scores"]["train_index"] for k in (1, 2)]
+        idx = [common.read_json(out / f"stage_{k:02d}" / "manifest.json")["scores"]["train_index"]
+               for k in (1, 2)]
         assert len(set(idx[0]) | set(idx[1])) == 40
         _, train, _ = common.load_dataset("mnist5k")
         assert torch.equal(stages[0].x, train.x[idx[0]])
@@ -75,23 +79,26 @@ def test_each_method_writes_the_stage_contract(run, method):
 
 
 def test_lgd_current_weight_0_is_teacher_guidance_alone(run, tmp_path):
-    """The issue-13 ablation: f_cur is trained and scores the images, but only -omega CE(f_ref)
-    guides and selects them: S is exactly that, and the images differ from LGD's."""
+    """The --current-weight 0 ablation: f_cur is trained and scores the images, but only
+    -omega CE(f_ref) guides and selects them: S is exactly that, and the images differ from
+    LGD's."""
     out = tmp_path / "lgd-teacher-ipc4"
     distill(run, "lgd", "--out", out, "--current-weight", "0")
     m = common.read_json(out / "stage_02" / "manifest.json")
     assert m["settings"]["current_weight"] == 0 and (out / "stage_02" / "current.pt").exists()
     omega = m["settings"]["omega"]
     # S is scored on the float samples, ce_* on the saved uint8 images: equal up to rounding
-    assert m["scores"]["S"] == pytest.approx([-omega * c for c in m["scores"]["ce_reference"]], rel=0.05, abs=0.05)
+    assert m["scores"]["S"] == pytest.approx([-omega * c for c in m["scores"]["ce_reference"]],
+                                             rel=0.05, abs=0.05)
     main = run / "distilled" / "lgd-ipc4"
     if not main.exists():
         distill(run, "lgd")
     ml = common.read_json(main / "stage_02" / "manifest.json")["scores"]  # LGD's S has both terms
-    assert ml["S"] == pytest.approx([c - omega * r for c, r in zip(ml["ce_current"], ml["ce_reference"])],
-                                    rel=0.05, abs=0.05)
+    assert ml["S"] == pytest.approx(
+        [c - omega * r for c, r in zip(ml["ce_current"], ml["ce_reference"])], rel=0.05, abs=0.05)
     assert files(out)["stage_02/0/000002.png"] != files(main)["stage_02/0/000002.png"]
-    assert files(out)["stage_01/0/000000.png"] == files(main)["stage_01/0/000000.png"]  # plain stage 1
+    # stage 1 is plain sampling
+    assert files(out)["stage_01/0/000000.png"] == files(main)["stage_01/0/000000.png"]
 
 
 def test_rerun_skips_and_same_seed_gives_identical_files(run):
@@ -115,12 +122,15 @@ def test_out_writes_an_ablation_elsewhere(run, tmp_path):
     distill(run, "dit", "--out", tmp_path / "abl" / "dit-cfg3-ipc4", "--cfg", "3")
     abl = files(tmp_path / "abl" / "dit-cfg3-ipc4")
     assert len([k for k in abl if k.endswith(".png")]) == 40
-    assert sorted(p.name for p in (run / "distilled").iterdir()) == before  # the main sets are left alone
-    assert abl["stage_01/0/000000.png"] != files(main)["stage_01/0/000000.png"]  # cfg 3 vs 1, same noise
+    # the main sets are left alone
+    assert sorted(p.name for p in (run / "distilled").iterdir()) == before
+    # cfg 3 vs 1, same noise
+    assert abl["stage_01/0/000000.png"] != files(main)["stage_01/0/000000.png"]
 
 
 def test_killed_mid_stage_then_rerun_equals_uninterrupted(run, tmp_path):
-    """Kill lgd during stage 2, leave a half-written stage behind, rerun: same files as one clean run."""
+    """Kill lgd during stage 2, leave a half-written stage behind, rerun: same files as one clean
+    run."""
     ref = run / "distilled" / "lgd-ipc4"
     if not ref.exists():
         distill(run, "lgd")
@@ -131,7 +141,8 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted(run, tmp_path):
     kill_when("02_distill_stages.py", args, out / "stage_01" / "manifest.json")
     assert not (out / "stage_02" / "manifest.json").exists()
     (out / "stage_02" / "5").mkdir(parents=True, exist_ok=True)
-    (out / "stage_02" / "5" / "000002.png").write_bytes(b"half a png")  # what a kill mid-write leaves
+    # what a kill mid-write leaves
+    (out / "stage_02" / "5" / "000002.png").write_bytes(b"half a png")
     p = run_script("02_distill_stages.py", *args)
     assert "stage 1: done earlier" in p.stdout
     assert files(out) == files(ref)
@@ -143,21 +154,26 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted(run, tmp_path):
 def test_bad_inputs_give_one_line(run, tmp_path):
     def bad(*args, frags=()):
         assert_user_error(run_script("02_distill_stages.py", *args, check=False), *frags)
-    bad("--run", run, "--method", "dit", "--ipc", "5", "--stages", "2", frags=["--ipc 5", "multiple of 2"])
-    bad("--run", run, "--method", "random", "--ipc", "1000", "--stages", "1", frags=["fewer", "lower --ipc"])
+    bad("--run", run, "--method", "dit", "--ipc", "5", "--stages", "2",
+        frags=["--ipc 5", "multiple of 2"])
+    bad("--run", run, "--method", "random", "--ipc", "1000", "--stages", "1",
+        frags=["fewer", "lower --ipc"])
     bad("--run", tmp_path / "nowhere", "--method", "dit", frags=["run 01_train_teacher.py"])
     bad("--run", run, "--method", "dit", "--candidates", "2", frags=["--candidates", "dit"])
-    bad("--run", run, "--method", "acs", "--candidates", "2", frags=["--candidates", "acs (only lgd)"])
+    bad("--run", run, "--method", "acs", "--candidates", "2",
+        frags=["--candidates", "acs (only lgd)"])
     bad("--run", run, "--method", "lgd", "--window", "10", frags=["--window"])
     bad("--run", run, "--method", "lgd", "--window", "40,60", frags=["t_hi <= 49"])
     bad("--run", run, "--method", "lgd", "--guide-model", "vgg", frags=["unknown model"])
-    bad("--run", run, "--method", "lgd", "--init-folder", tmp_path / "missing", frags=["does not exist"])
+    bad("--run", run, "--method", "lgd", "--init-folder", tmp_path / "missing",
+        frags=["does not exist"])
     bad("--run", run, "--method", "lgd", "--sample-steps", "5000", frags=["exceeds"])
     init = tmp_path / "init"
     for c in range(10):
         (init / str(c)).mkdir(parents=True)
         common.save_png(torch.zeros(1, 28, 28), init / str(c) / "000000.png")
-    bad("--run", run, "--method", "lgd", *TINY_02, "--init-folder", init, frags=["2 images per class"])
+    bad("--run", run, "--method", "lgd", *TINY_02, "--init-folder", init,
+        frags=["2 images per class"])
     common.save_png(torch.zeros(3, 16, 16), init / "0" / "000001.png")
     bad("--run", run, "--method", "lgd", *TINY_02, "--init-folder", init, frags=["share one size"])
     p = run_script("02_distill_stages.py", "--run", run, "--method", "pca", check=False)
@@ -165,7 +181,8 @@ def test_bad_inputs_give_one_line(run, tmp_path):
     # a finished folder made with other settings is not silently mixed with new ones
     if not (run / "distilled" / "dit-ipc4").exists():
         distill(run, "dit")
-    bad("--run", run, "--method", "dit", *TINY_02, "--cfg", "3", frags=["other settings", "--overwrite"])
+    bad("--run", run, "--method", "dit", *TINY_02, "--cfg", "3",
+        frags=["other settings", "--overwrite"])
     # the teacher of another dataset in the run folder
     other = tmp_path / "other"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("distilled"))

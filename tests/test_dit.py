@@ -1,4 +1,5 @@
-"""The DiT prior: pixel model save/load, CFG sampling determinism, an offline latent pipeline, bad input."""
+"""The DiT prior: pixel model save/load, CFG sampling determinism, an offline latent pipeline,
+bad input."""
 import pytest
 import torch
 
@@ -17,12 +18,13 @@ def save_tiny_latent_pipeline(folder, num_labels, image_size=16):
     """A randomly initialised DiT + VAE saved as a diffusers DiTPipeline, like a hub download."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
     torch.manual_seed(0)
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                num_layers=1, sample_size=image_size // 2, patch_size=2,
-                                num_embeds_ada_norm=num_labels)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=image_size)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                out_channels=8, num_layers=1, sample_size=image_size // 2,
+                                patch_size=2, num_embeds_ada_norm=num_labels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                        sample_size=image_size)
     DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler()).save_pretrained(folder)
     return folder
 
@@ -54,13 +56,15 @@ def test_sampling_is_seeded_and_cfg_matters():
 
 
 class StubDiT(torch.nn.Module):
-    """Returns the v that a known eps implies at x_t: eps_c for real labels, eps_u for the null label."""
+    """Returns the v that a known eps implies at x_t: eps_c for real labels, eps_u for the null
+    label."""
 
     def __init__(self, x0, eps_c, eps_u, abar):
         super().__init__()
         from types import SimpleNamespace
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.config = SimpleNamespace(num_embeds_ada_norm=10, in_channels=1, out_channels=1, sample_size=28)
+        self.config = SimpleNamespace(num_embeds_ada_norm=10, in_channels=1, out_channels=1,
+                                      sample_size=28)
         self.x0, self.eps_c, self.eps_u, self.abar, self.seen = x0, eps_c, eps_u, abar, None
 
     def forward(self, x, t, labels):
@@ -68,7 +72,8 @@ class StubDiT(torch.nn.Module):
         self.seen = labels.clone()
         a = self.abar[t].view(-1, 1, 1, 1)
         r = len(labels) // len(self.eps_c)  # 2 with the null-label rows, 1 without
-        eps = torch.where((labels == 10).view(-1, 1, 1, 1), self.eps_u.repeat(r, 1, 1, 1), self.eps_c.repeat(r, 1, 1, 1))
+        eps = torch.where((labels == 10).view(-1, 1, 1, 1), self.eps_u.repeat(r, 1, 1, 1),
+                          self.eps_c.repeat(r, 1, 1, 1))
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         return SimpleNamespace(sample=a.sqrt() * eps - (1 - a).sqrt() * x0)
 
@@ -129,7 +134,8 @@ def test_class_map_checked_against_dit_labels(tmp_path):
     with pytest.raises(common.UserError, match="class map of imagenette needs labels up to 701"):
         dit.load_prior(folder, info, "cpu")
     # with 1000 labels the ImageNet indices are used
-    prior = dit.load_prior(save_tiny_latent_pipeline(tmp_path / "pipe1k", num_labels=1000), info, "cpu")
+    prior = dit.load_prior(save_tiny_latent_pipeline(tmp_path / "pipe1k", num_labels=1000), info,
+                           "cpu")
     assert prior.labels(torch.tensor([0, 9])).tolist() == [info.class_map[0], info.class_map[9]]
 
 
@@ -142,7 +148,8 @@ def test_bad_dit_inputs(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(common.UserError, match="cannot load a DiT"):
         dit.load_prior(tmp_path / "junk", info, "cpu")
-    rgb = common.DatasetInfo("rgb", 3, 28, (0.5,) * 3, (0.5,) * 3, [str(i) for i in range(10)], flip=True)
+    rgb = common.DatasetInfo("rgb", 3, 28, (0.5,) * 3, (0.5,) * 3, [str(i) for i in range(10)],
+                             flip=True)
     with pytest.raises(common.UserError, match="1-channel images"):
         dit.Prior(tiny_pixel_prior(info).transformer, dict(dit.make_train_scheduler().config), rgb)
 

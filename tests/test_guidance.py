@@ -1,4 +1,5 @@
-"""Guided sampling: scales 0 equal plain sampling, each term raises its own objective, windows, memory."""
+"""Guided sampling: scales 0 equal plain sampling, each term raises its own objective, windows,
+memory."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,8 @@ def test_all_scales_zero_reproduce_plain_sampling_exactly(setup):
     info, prior, current, reference = setup
     mem = dit.Memory(8)
     mem.add(torch.randn(20, 1, 28, 28), Y)
-    g = dit.Guidance(terms=dit.learnability_terms(current, reference, 0.5), scale=0.0, deviation=0.0, memory=mem,
-                   window=(0, 49))
+    g = dit.Guidance(terms=dit.learnability_terms(current, reference, 0.5), scale=0.0,
+                     deviation=0.0, memory=mem, window=(0, 49))
     a, za = run(prior)
     b, zb = run(prior, g)
     assert torch.equal(a, b) and torch.equal(za, zb)
@@ -82,13 +83,16 @@ def test_deviation_term_moves_samples_away_from_memory(setup):
 
 def test_guidance_through_a_vae_raises_S(tmp_path):
     """Latent DiT: the objective sees VAE-decoded images and its gradient reaches the latent."""
-    info = common.DatasetInfo("toy", 3, 16, (0.5,) * 3, (0.5,) * 3, ["a", "b", "c"], flip=True, class_map=[0, 1, 2])
+    info = common.DatasetInfo("toy", 3, 16, (0.5,) * 3, (0.5,) * 3, ["a", "b", "c"], flip=True,
+                              class_map=[0, 1, 2])
     prior = dit.load_prior(save_tiny_latent_pipeline(tmp_path / "pipe", num_labels=3), info, "cpu")
     torch.manual_seed(0)
-    terms = dit.learnability_terms(common.build_model("convnet-1", info).eval(), common.build_model("convnet-1-bn", info).eval(), 0.5)
+    terms = dit.learnability_terms(common.build_model("convnet-1", info).eval(),
+                                   common.build_model("convnet-1-bn", info).eval(), 0.5)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     plain, _ = run(prior, y=y, steps=6)
-    guided, _ = run(prior, dit.Guidance(terms=terms, scale=15.0, c0=0.05, window=(0, 49)), y=y, steps=6)
+    guided, _ = run(prior, dit.Guidance(terms=terms, scale=15.0, c0=0.05, window=(0, 49)), y=y,
+                    steps=6)
     with torch.no_grad():
         assert dit.objective(terms, guided, y).mean() > dit.objective(terms, plain, y).mean()
 

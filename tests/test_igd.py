@@ -172,7 +172,8 @@ def test_02_igd_writes_the_stage_contract(run):
     s = cfg["derived"]["settings"]
     assert s["trajectory"] == [0, 2] and s["window"] == [30, 45] and s["lam"] == 5.0
     # the small column's gamma is the paper's scaled to the prior's size: 120 x 784 / 4096 on pixels
-    assert s["gamma"] == 22.97 and cfg["derived"]["defaults"]["gamma"] == {"paper": 120.0, "small": None}
+    assert s["gamma"] == 22.97
+    assert cfg["derived"]["defaults"]["gamma"] == {"paper": 120.0, "small": None}
     for k, st in enumerate(stages):
         assert torch.bincount(st.y, minlength=10).tolist() == [2] * 10
         m = common.read_json(out / f"stage_{k + 1:02d}" / "manifest.json")

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import common
+from conftest import load_script
 
 NAMES = ["convnet-3", "convnet-3-bn", "convnet-2", "resnetap10", "resnet18", "timm:resnet18"]
 
@@ -22,13 +23,15 @@ def test_registry_shapes(name, shape):
     assert logits.shape == (3, 7)
     assert feats.ndim == 2 and feats.shape[0] == 3
     # the head is linear on the features: logits come from the penultimate features
-    assert torch.allclose(m.net.fc(feats) if hasattr(m.net, "fc") else m.net.net.fc(feats), logits, atol=1e-5)
+    head = m.net.fc if hasattr(m.net, "fc") else m.net.net.fc
+    assert torch.allclose(head(feats), logits, atol=1e-5)
 
 
 def test_bn_variant_has_batchnorm_and_plain_has_none():
     info = info_for(1, 28)
     has_bn = lambda m: any(isinstance(l, torch.nn.BatchNorm2d) for l in m.modules())
-    assert has_bn(common.build_model("convnet-3-bn", info)) and not has_bn(common.build_model("convnet-3", info))
+    assert has_bn(common.build_model("convnet-3-bn", info))
+    assert not has_bn(common.build_model("convnet-3", info))
 
 
 def test_unknown_model_names():
@@ -64,18 +67,21 @@ def test_classifier_checkpoint_round_trip_and_dataset_check(tmp_path):
 
 
 def test_bn_loss_is_zero_at_the_running_statistics_and_weights_the_first_layer():
-    """common.BNMatch, DELT's regulariser: plain L2 norms of the mean and variance gaps, x10 on
+    """02's BNMatch, DELT's regulariser: plain L2 norms of the mean and variance gaps, x10 on
     the first BN layer, zero when the batch statistics equal the running ones."""
+    distill02 = load_script("distill02", "02_distill_stages.py")
     torch.manual_seed(0)
-    model = common.build_model("convnet-2-bn", info_for(1, 8, classes=3)).eval().requires_grad_(False)
+    model = common.build_model("convnet-2-bn", info_for(1, 8, classes=3))
+    model = model.eval().requires_grad_(False)
     x = torch.rand(6, 1, 8, 8)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == 2
-    with common.BNMatch(model, first_weight=10.0) as bn:
+    with distill02.BNMatch(model, first_weight=10.0) as bn:
         model(x)
         assert bn.loss().item() > 1e-2  # random running stats differ from the batch's
         stats = []
-        for m in bns:  # set layer by layer: a later layer's input depends on the earlier running stats
+        # set layer by layer: a later layer's input depends on the earlier running stats
+        for m in bns:
             h = m.register_forward_hook(lambda mod, i, o: stats.append(
                 (i[0].mean((0, 2, 3)), i[0].var((0, 2, 3), unbiased=False))))
             model(x)
@@ -88,7 +94,8 @@ def test_bn_loss_is_zero_at_the_running_statistics_and_weights_the_first_layer()
         model(x)
         assert bn.loss().item() == pytest.approx(0.5, abs=1e-4)
         bns[1].running_var[5] -= 0.5
-        bns[0].running_mean[3] += 0.5  # the first BN layer counts 10x (and shifts the next layer's input)
+        # the first BN layer counts 10x (and shifts the next layer's input)
+        bns[0].running_mean[3] += 0.5
         model(x)
         assert bn.terms[0].item() == pytest.approx(0.5, abs=1e-4)
         assert bn.loss().item() == pytest.approx(10 * 0.5 + bn.terms[1].item(), abs=1e-4)

@@ -2,7 +2,6 @@
 gradient checkpointing of the guided steps and 02's scale-dependent defaults."""
 import json
 
-import pytest
 import torch
 
 import common
@@ -28,8 +27,8 @@ def test_wnid_folders_condition_an_imagenet_dit_and_name_the_run(tmp_path):
     info, _, _ = common.load_dataset(f"imagefolder:{tree}")
     assert info.class_map == [WNIDS[w] for w in sorted(WNIDS)]
     pipe = save_tiny_latent_pipeline(tmp_path / "pipe", num_labels=1000)
-    p = python(ROOT / "01_train_teacher.py", "--dataset", f"imagefolder:{tree}", "--model", "convnet-2",
-               "--dit", pipe, *TINY_01, cwd=tmp_path)
+    p = python(ROOT / "01_train_teacher.py", "--dataset", f"imagefolder:{tree}",
+               "--model", "convnet-2", "--dit", pipe, *TINY_01, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "runs" / "my-imagenet3"
     assert json.loads((run / "dataset.json").read_text())["class_map"] == [0, 217, 908]

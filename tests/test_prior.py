@@ -1,5 +1,5 @@
-"""--prior latent: the papers' VAE + latent DiT in miniature, as a pipeline folder, through 01 and 02."""
-import importlib.util
+"""--prior latent: the papers' VAE + latent DiT in miniature, as a pipeline folder, through 01 and
+02."""
 import json
 import shutil
 from argparse import Namespace
@@ -10,18 +10,17 @@ import torch
 
 import common
 import dit
-from conftest import ROOT, TINY_01, assert_user_error, kill_when, run_script
+from conftest import TINY_01, assert_user_error, kill_when, load_script, run_script
 from test_02 import GUIDE, TINY_02, files
 
 TINY_LATENT = TINY_01 + ["--prior", "latent", "--vae-steps", "10", "--vae-batch", "16"]
 
-_spec = importlib.util.spec_from_file_location("train01", ROOT / "01_train_teacher.py")
-train01 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train01)
+train01 = load_script("train01", "01_train_teacher.py")
 
 
 def tiny_latent_prior(info, scaling=0.7):
-    """A random AutoencoderKL (28 px -> 4x7x7) and a patch-1 latent DiT, as 01 --prior latent makes them."""
+    """A random AutoencoderKL (28 px -> 4x7x7) and a patch-1 latent DiT, as 01 --prior latent
+    makes them."""
     torch.manual_seed(0)
     vae = dit.make_vae(info, blocks=(8, 16, 16))
     vae.register_to_config(scaling_factor=scaling)
@@ -34,10 +33,12 @@ def test_latent_prior_saves_and_loads_as_a_pipeline_folder(tmp_path):
     prior = tiny_latent_prior(info)
     assert prior.latent_shape == (4, 7, 7)
     prior.save(tmp_path / "dit")
-    assert sorted(p.name for p in (tmp_path / "dit").iterdir()) == ["scheduler", "transformer", "vae"]
+    assert sorted(p.name for p in (tmp_path / "dit").iterdir()) == \
+        ["scheduler", "transformer", "vae"]
     loaded = dit.load_prior(tmp_path / "dit", info, "cpu")
     assert loaded.vae is not None and loaded.vae.config.scaling_factor == 0.7
-    assert loaded.latent_shape == (4, 7, 7) and loaded.scheduler_config["prediction_type"] == "v_prediction"
+    assert loaded.latent_shape == (4, 7, 7)
+    assert loaded.scheduler_config["prediction_type"] == "v_prediction"
     z, t, y = torch.randn(2, 4, 7, 7), torch.tensor([5, 900]), torch.tensor([3, 10])
     with torch.no_grad():
         assert torch.equal(prior.transformer(z, t, y).sample, loaded.transformer(z, t, y).sample)
@@ -64,11 +65,13 @@ def test_guidance_backpropagates_through_the_vae_decoder():
         lambda m, gin, gout: grads.append(gout[0].abs().sum().item()))
     sched = prior.scheduler(10)
     t = sched.timesteps[3]
-    x, y = torch.randn(4, 4, 7, 7, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    x = torch.randn(4, 4, 7, 7, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3])
 
     def step(guide):
         gens = [torch.Generator().manual_seed(i) for i in range(4)]
-        return dit.guided_step(prior, x, t, prior.labels(y), y, 2.0, prior.scheduler(10), gens, guide)
+        return dit.guided_step(prior, x, t, prior.labels(y), y, 2.0, prior.scheduler(10), gens,
+                               guide)
     plain = step(None)
     assert grads == []  # a plain step builds no graph
     guided = step(dit.Guidance(terms=dit.learnability_terms(clf, clf, 0.5), scale=50.0))
@@ -76,7 +79,8 @@ def test_guidance_backpropagates_through_the_vae_decoder():
     assert len(grads) == 1 and grads[0] > 0
     assert not torch.allclose(plain, guided)
     # eps held constant: the gradient still goes through the decoder (x0 depends on x_t)
-    const = step(dit.Guidance(terms=dit.learnability_terms(clf, clf, 0.5), scale=50.0, eps_const=True))
+    const = step(dit.Guidance(terms=dit.learnability_terms(clf, clf, 0.5), scale=50.0,
+                              eps_const=True))
     assert not torch.allclose(plain, const)
 
 
@@ -125,9 +129,11 @@ def test_02_dit_and_lgd_on_the_latent_prior_same_seed_same_bytes(latent_run, tmp
         assert torch.load(out / "stage_02" / "latents.pt", weights_only=True).shape == (20, 4, 7, 7)
     lgd = run / "distilled" / "lgd-ipc4"
     before = files(lgd)
-    run_script("02_distill_stages.py", "--run", run, "--method", "lgd", *TINY_02, *GUIDE, "--overwrite")
+    run_script("02_distill_stages.py", "--run", run, "--method", "lgd", *TINY_02, *GUIDE,
+               "--overwrite")
     assert files(lgd) == before
-    assert files(lgd)["stage_02/0/000002.png"] != files(run / "distilled" / "dit-ipc4")["stage_02/0/000002.png"]
+    assert files(lgd)["stage_02/0/000002.png"] != \
+        files(run / "distilled" / "dit-ipc4")["stage_02/0/000002.png"]
 
 
 def test_02_every_other_method_runs_on_the_latent_prior(latent_run, tmp_path):
@@ -145,9 +151,11 @@ def test_02_every_other_method_runs_on_the_latent_prior(latent_run, tmp_path):
         run_script("02_distill_stages.py", "--run", run, "--method", method, *TINY_02, *more)
         out = next((run / "distilled").glob(f"{method}*ipc4"))
         stages = common.read_stages(out, info)
-        assert [torch.bincount(s.y, minlength=10).tolist() for s in stages] == [[2] * 10] * 2, method
+        assert [torch.bincount(s.y, minlength=10).tolist() for s in stages] == [[2] * 10] * 2, \
+            method
         if method in ("acs", "igd"):
-            assert torch.load(out / "stage_02" / "latents.pt", weights_only=True).shape == (20, 4, 7, 7)
+            latents = torch.load(out / "stage_02" / "latents.pt", weights_only=True)
+            assert latents.shape == (20, 4, 7, 7)
             gamma = json.loads((out / "config.json").read_text())["derived"]["settings"]["gamma"]
             assert gamma == {"acs": 2.39, "igd": 5.74}[method]  # the paper's x 196 / 4096
             m = json.loads((out / "stage_02" / "manifest.json").read_text())
@@ -157,7 +165,8 @@ def test_02_every_other_method_runs_on_the_latent_prior(latent_run, tmp_path):
 def test_vae_phase_resumes_after_a_kill_and_a_finished_vae_is_kept(latent_run, tmp_path):
     """Killed mid-VAE, then mid-DiT (the VAE finished), then rerun: the weights of one clean run."""
     from safetensors.torch import load_file
-    teacher = latent_run[0] / "teacher" / "teacher.pt"  # imported, not trained: the test is about the VAE
+    # imported, not trained: the test is about the VAE
+    teacher = latent_run[0] / "teacher" / "teacher.pt"
     args = ["--teacher", teacher, "--prior", "latent", "--vae-steps", "20", "--vae-batch", "8",
             "--dit-steps", "20", "--dit-width", "32", "--dit-depth", "1", "--dit-ckpt-every", "10",
             "--samples-per-class", "1", "--sample-steps", "2"]
@@ -169,7 +178,8 @@ def test_vae_phase_resumes_after_a_kill_and_a_finished_vae_is_kept(latent_run, t
     assert (run / "dit" / "vae").exists() and not (run / "dit" / "metrics.json").exists()
     p = run_script("01_train_teacher.py", "--run", run, *args)
     assert "vae: done earlier" in p.stdout and "dit: resuming at step" in p.stdout
-    for w in ("vae/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors"):
+    for w in ("vae/diffusion_pytorch_model.safetensors",
+              "transformer/diffusion_pytorch_model.safetensors"):
         a, b = load_file(ref / "dit" / w), load_file(run / "dit" / w)
         assert all(torch.equal(a[k], b[k]) for k in a), w
     assert json.loads((run / "dit" / "vae" / "config.json").read_text())["scaling_factor"] == \
@@ -177,14 +187,15 @@ def test_vae_phase_resumes_after_a_kill_and_a_finished_vae_is_kept(latent_run, t
 
 
 def test_distillability_trains_the_same_student_on_samples_and_real_subsets():
-    """Given real draw 0 as its 'samples', seed 0 of both columns is the same student: one protocol."""
+    """Given real draw 0 as its 'samples', seed 0 of both columns is the same student: one
+    protocol."""
     info, train, test = common.load_dataset("mnist5k")
     test = common.Split(test.x[:200], test.y[:200])
     perms = common.class_permutations(train.y, 10, 0)
     idx = torch.cat([p[:10] for p in perms])
     args = Namespace(seed=0, scale="auto", cfg=4.0, sample_steps=50)
-    d = train01.distillability(common.Split(train.x[idx], train.y[idx]), info, train, test, args, "cpu",
-                               nullcontext(), seeds=2, epochs=2)
+    d = train01.distillability(common.Split(train.x[idx], train.y[idx]), info, train, test, args,
+                               "cpu", nullcontext(), seeds=2, epochs=2)
     assert d["epochs"] == 2 and d["student"] == "convnet-3" and len(d["samples"]["seeds"]) == 2
     assert d["samples"]["seeds"][0] == d["random_real"]["seeds"][0]
     assert d["gap"] == pytest.approx(d["samples"]["mean"] - d["random_real"]["mean"])
@@ -192,10 +203,13 @@ def test_distillability_trains_the_same_student_on_samples_and_real_subsets():
 
 def test_bad_prior_inputs_give_one_line(tmp_path):
     r = tmp_path / "x"
-    assert_user_error(run_script("01_train_teacher.py", "--run", r, *TINY_LATENT, "--dit-patch", "2", check=False),
+    assert_user_error(run_script("01_train_teacher.py", "--run", r, *TINY_LATENT,
+                                 "--dit-patch", "2", check=False),
                       "cannot take the 7 px latents")
-    assert_user_error(run_script("01_train_teacher.py", "--run", r, "--prior", "latent", "--dit", tmp_path,
-                                 check=False), "--prior latent")
+    assert_user_error(run_script("01_train_teacher.py", "--run", r, "--prior", "latent",
+                                 "--dit", tmp_path, check=False), "--prior latent")
     assert not r.exists()
-    assert train01.parse_args(["--prior", "pixel"]).dit_patch == 4 and train01.parse_args([]).dit_patch == 1
-    assert train01.parse_args([]).prior == "latent" and train01.parse_args(["--dit", "x"]).prior == "pixel"
+    assert train01.parse_args(["--prior", "pixel"]).dit_patch == 4
+    assert train01.parse_args([]).dit_patch == 1
+    assert train01.parse_args([]).prior == "latent"
+    assert train01.parse_args(["--dit", "x"]).prior == "pixel"

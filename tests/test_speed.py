@@ -1,8 +1,7 @@
-"""Timings, precision and the speed benchmark: <run>/timings.json phase by phase, what --amp
-resolves to, and benchmarks/bench_speed.py at tiny settings (so that it cannot rot)."""
+"""Timings and precision: <run>/timings.json phase by phase, the machine's speed probe, what
+--amp and --compile resolve to, and the one table of scale-dependent defaults."""
 import argparse
 import json
-import re
 from contextlib import nullcontext
 
 import pytest
@@ -62,27 +61,13 @@ def test_native_bf16_from_torch_capabilities(monkeypatch, caps, expected):
     assert common.amp_of(ctx) == "bf16" and common.amp_of(common.prior_ctx(ctx)) == "bf16"
 
 
-@pytest.mark.parametrize("flags,expected", [("fpu sse2 avx2 fma", False),
-                                            ("fpu avx2 avx512f avx512bw", False),
-                                            ("fpu avx512f avx512_bf16", True),
-                                            ("fpu amx_tile amx_bf16", True)])
-def test_native_bf16_from_proc_cpuinfo_when_torch_has_no_capabilities(monkeypatch, tmp_path, flags,
-                                                                       expected):
-    monkeypatch.delattr(torch.cpu, "get_capabilities")  # a torch from before the API
-    info = tmp_path / "cpuinfo"
-    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(common, "CPUINFO", info)
-    assert common.cpu_has_native_bf16() is expected
-
-
-def test_amp_flag_and_cuda_default(monkeypatch):
+def test_amp_flag_and_cuda_default():
     p = argparse.ArgumentParser()
     common.add_common_args(p, run_help="")
     assert p.parse_args([]).amp == "auto" and p.parse_args(["--amp", "off"]).amp == "off"
-    assert p.parse_args(["--amp"]).amp == "auto"  # the boolean flag's spellings still work
-    assert p.parse_args(["--no-amp"]).amp == "off"
     assert common.resolve_amp("auto", torch.device("cuda"))  # bf16 autocast on every GPU
-    assert common.resolve_amp(True, torch.device("cuda")) and not common.resolve_amp(False, torch.device("cuda"))
+    assert common.resolve_amp("on", torch.device("cuda"))
+    assert not common.resolve_amp("off", torch.device("cuda"))
     with pytest.raises(common.UserError, match="--amp must be one of"):
         common.resolve_amp("fp8", torch.device("cpu"))
     assert common.amp_of(nullcontext()) == "off"
@@ -130,51 +115,11 @@ def test_logged_measurements_are_fp32_under_bf16_autocast():
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
 
 
-def test_folders_made_with_the_boolean_amp_still_resume(tmp_path):
-    common.prepare_folder(tmp_path / "job", {"amp": True, "lr": 0.1}, False, "job")
-    common.write_config(tmp_path / "job", {"amp": True, "lr": 0.1}, {}, torch.device("cpu"))
-    common.prepare_folder(tmp_path / "job", {"amp": "auto", "lr": 0.1}, False, "job")
-    with pytest.raises(common.UserError, match=r"other settings \(amp\)"):
-        common.prepare_folder(tmp_path / "job", {"amp": "on", "lr": 0.1}, False, "job")
-
-
-def test_speed_benchmark_runs_and_its_reference_loop_is_faithful(tmp_path):
-    """The benchmark on random models at tiny settings: every section prints, and the reference
-    one-image loop makes the same image as dit.sample at batch 1 from the same seed."""
-    p = python(ROOT / "benchmarks" / "bench_speed.py", "--run", tmp_path / "none", "--images", "4",
-               "--ref-images", "2", "--steps", "4", "--ipc", "2", "--epochs", "1", "--train-batch", "8")
-    assert p.returncode == 0, p.stderr[-2000:]
-    diffs = [float(d) for d in re.findall(r"max \|difference\| (\S+)", p.stdout)]
-    assert len(diffs) == 2 and max(diffs) < 1e-5, p.stdout  # plain and guided
-    for line in ("command: ", "matmul 2048^2", "plain  ratio", "guided ratio", "% of peak",
-                 "ratio ours / the faster reference", "random initialisation"):
-        assert line in p.stdout, (line, p.stdout[-2000:])
-    # ours runs in the precision the scripts' --amp auto gives this CPU, the reference in fp32
-    bf16 = common.cpu_has_native_bf16()
-    assert f"ours: classifiers {'bf16' if bf16 else 'fp32'}, DiT and VAE fp32 (--amp auto)" \
-        in p.stdout, p.stdout[:1500]
-    assert ("under bf16 autocast:" in p.stdout) == bf16
-    assert f"% of the {'bf16' if bf16 else 'fp32'} conv peak" in p.stdout
-    assert ("ratio ours compiled / the faster reference" in p.stdout) == common.has_cxx_compiler(), \
-        p.stdout[-1500:]
-
-
-def test_amp_benchmark_prints_every_ratio():
-    """benchmarks/bench_amp.py at one repetition (its --accuracy part trains real students)."""
-    p = python(ROOT / "benchmarks" / "bench_amp.py", "--reps", "1")
-    assert p.returncode == 0, p.stderr[-2000:]
-    rows = re.findall(r"^(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", p.stdout, re.M)
-    assert [r[0].split(",")[0] for r in rows] == [
-        "matmul 2048^2", "latent DiT train step", "latent DiT guided step", "VAE decode + backward",
-        "VAE train step", "ConvNet-3 train step"], p.stdout
-    for _, t32, t16, ratio in rows:
-        assert abs(float(t32) / float(t16) - float(ratio)) < 0.02 * float(ratio) + 0.01
-
-
 def test_compile_flag_decides_by_device_length_and_mode(monkeypatch):
     p = argparse.ArgumentParser()
     common.add_common_args(p, run_help="")
-    assert p.parse_args([]).compile == "auto" and p.parse_args(["--compile", "off"]).compile == "off"
+    assert p.parse_args([]).compile == "auto"
+    assert p.parse_args(["--compile", "off"]).compile == "off"
     cpu, cuda, long = torch.device("cpu"), torch.device("cuda"), common.COMPILE_MIN_STEPS
     monkeypatch.setitem(common.COMPILE, "mode", "auto")
     monkeypatch.setattr(common.shutil, "which", lambda c: "/usr/bin/" + c)
@@ -190,7 +135,8 @@ def test_compile_flag_decides_by_device_length_and_mode(monkeypatch):
         common.setup_device("cpu", "off", "sometimes")
 
 
-@pytest.mark.skipif(not common.has_cxx_compiler(), reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.skipif(not common.has_cxx_compiler(),
+                    reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_fit_repeats_itself_and_its_step_matches_the_eager_step(monkeypatch, tmp_path):
     """The compiled training step gives the same bytes for the same seed, and the eager step's
     logits and gradients up to float rounding (Adam turns rounding of near-zero gradients into
@@ -230,3 +176,28 @@ def test_compiled_fit_repeats_itself_and_its_step_matches_the_eager_step(monkeyp
     common.write_config(tmp_path / "job", {"compile": "on", "lr": 0.1}, {}, torch.device("cpu"))
     assert json.loads((tmp_path / "job" / "config.json").read_text())["compile"] == "on"
     common.prepare_folder(tmp_path / "job", {"compile": "off", "lr": 0.1}, False, "job")
+
+
+def test_machine_speed_is_measured_once_per_run_and_heads_the_timings_table(tmp_path):
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    speed = common.machine_speed(tmp_path)
+    assert torch.equal(torch.get_rng_state(), before)  # the probe draws no random numbers
+    assert speed["matmul_gflops"] > 0 and speed["conv_gflops"] > 0
+    assert common.machine_speed(tmp_path) == speed  # read back, not measured again
+    common.record_timing(tmp_path, "01/teacher", 12.0, 0.5, 0.5)
+    table = common.timings_table(tmp_path)
+    assert f"matmul {speed['matmul_gflops']} GFLOP/s" in table.splitlines()[1]
+
+
+def test_one_table_of_scale_defaults_feeds_every_script():
+    """Every scale-dependent default has a paper and a small column, and the scripts' --help
+    prints the value of the table (the help is made from it, not typed beside it)."""
+    assert all(len(v) == 2 for v in common.DEFAULTS.values())
+    assert common.default("cfg", "paper") == 4.0 and common.default("cfg", "small") == 1.0
+    assert common.epochs_for(10, "paper") == 2000 and common.epochs_for(50, "small") == 40
+    p = python(ROOT / "01_train_teacher.py", "--help")
+    helptext = " ".join(p.stdout.split())
+    for name in ("surrogate_model", "surrogate_epochs", "sample_steps", "cfg"):
+        paper, small = common.DEFAULTS[name]
+        assert str(paper) in helptext and str(small) in helptext, name
