@@ -24,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -1222,15 +1223,14 @@ def machine_speed(run: Path) -> dict:
     if path.exists():
         return read_json(path)
 
-    def rate(fn, flop):  # best of 5 after a warm-up; no random draws (seeds stay untouched)
-        fn()
-        best = min(timed(fn) for _ in range(5))
-        return round(flop / best / 1e9, 1)
-
     def timed(fn):
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+
+    def rate(fn, flop):  # best of 5 after a warm-up; no random draws (seeds stay untouched)
+        fn()
+        return round(flop / min(timed(fn) for _ in range(5)) / 1e9, 1)
 
     a, x, w = torch.ones(512, 512), torch.ones(32, 64, 28, 28), torch.ones(64, 64, 3, 3)
     speed = {"matmul_gflops": rate(lambda: a @ a, 2 * 512 ** 3),
@@ -1264,7 +1264,7 @@ class Timings:
     @contextmanager
     def phase(self, name: str):
         """Time the body as phase `name`; it may set .skipped or add to .extra."""
-        ph = argparse.Namespace(skipped=False, extra={})
+        ph = SimpleNamespace(skipped=False, extra={})
         t0, load0 = time.time(), load_average()
         yield ph
         self.add(name, time.time() - t0, load0, ph.skipped, **ph.extra)
@@ -1284,15 +1284,15 @@ def timings_table(run: Path) -> str:
         raise UserError(f"{path} does not exist; run the pipeline first (make demo)")
     phases = read_json(path)
     order = sorted(phases, key=lambda k: k.split("/")[0])  # stable: 02's sets in run order
-    speed = Path(run) / "machine.json"
-    speed = read_json(speed) if speed.exists() else {}
     lines = [f"timings of {run} ({path.name}; load = 1-minute load average at start -> end of "
-             f"the phase, on {os.cpu_count()} CPUs; imports and start-up are not included)",
-             f"machine: {speed.get('cpu', '?')}, {speed.get('threads', '?')} threads, fp32 "
-             f"matmul {speed.get('matmul_gflops', '?')} GFLOP/s, conv "
-             f"{speed.get('conv_gflops', '?')} GFLOP/s (machine.json)",
-             "| phase | minutes | seconds | load start -> end | threads | finished |",
-             "|---|---:|---:|---|---:|---|"]
+             f"the phase, on {os.cpu_count()} CPUs; imports and start-up are not included)"]
+    if (Path(run) / "machine.json").exists():  # runs of earlier versions have none
+        m = read_json(Path(run) / "machine.json")
+        lines.append(f"machine: {m['cpu']}, {m['threads']} threads, fp32 matmul "
+                     f"{m['matmul_gflops']} GFLOP/s, conv {m['conv_gflops']} GFLOP/s "
+                     f"(machine.json)")
+    lines += ["", "| phase | minutes | seconds | load start -> end | threads | finished |",
+              "|---|---:|---:|---|---:|---|"]
     for k in order:
         e = phases[k]
         lines.append(f"| {k} | {e['seconds'] / 60:.1f} | {e['seconds']:.0f} | "

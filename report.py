@@ -138,16 +138,10 @@ def prior(run: Path) -> list:
 
 
 def timings(run: Path) -> list:
-    """Every phase of timings.json in pipeline order, with the load it ran under."""
-    phases = read(run / common.TIMINGS)
-    rows = [[k, f"{e['seconds']:.1f}", f"{e['seconds'] / 60:.1f}",
-             f"{e['load_start']:.2f} → {e['load_end']:.2f}", f"{e['threads']} / {e['cpus']}"]
-            for k, e in sorted(phases.items(), key=lambda kv: kv[0].split("/")[0])]
-    total = sum(e["seconds"] for e in phases.values())
-    return section("Where the time went", "Wall time of every phase (timings.json) and the "
-                   "1-minute load average at its start and end (imports are not in it).",
-                   ["phase", "seconds", "minutes", "load", "threads / CPUs"], rows + [
-                       ["**total**", f"**{total:.1f}**", f"**{total / 60:.1f}**", "", ""]])
+    """Every phase of timings.json and the machine's speed, as `make timings` prints them."""
+    if not (run / common.TIMINGS).exists():
+        return []
+    return ["## Where the time went", "", common.timings_table(run), ""]
 
 
 def provenance(run: Path) -> list:

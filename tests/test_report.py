@@ -15,7 +15,7 @@ import report  # noqa: E402
 
 # what report.py reads: copied out of the shared run first, so that notebooks adding sets or
 # evaluations to it meanwhile cannot make the report and this test read different files
-READS = ["*/config.json", "*/*/config.json", "*/metrics.json", "timings.json",
+READS = ["*/config.json", "*/*/config.json", "*/metrics.json", "timings.json", "machine.json",
          "eval/*/results.json", "eval/default/*.png", "dit/samples.png",
          "*/*/stage_*/manifest.json"]
 
@@ -77,7 +77,8 @@ def test_every_number_from_the_run(made):
     from them: a difference, minutes, a weighted mean) or a paper's number."""
     run = made / "run"
     sources = load(run, "eval/*/results.json") + load(run, "*/metrics.json") + \
-        load(run, "timings.json") + load(run, "*/*/stage_*/manifest.json")
+        load(run, "timings.json") + load(run, "machine.json") + \
+        load(run, "*/*/stage_*/manifest.json")
     values = [v for s in sources for v in floats(s)]
     results = load(run, "eval/default/results.json") + load(run, "eval/ablations/results.json")
     rows = [r for res in results for r in res["rows"]]
@@ -152,8 +153,10 @@ def test_other_tables(made):
     run, text = made / "run", block(made / "results.md")
     timings = cells(text, "Where the time went")
     for phase, e in load(run, "timings.json")[0].items():
-        assert timings[phase][1:4] == [f"{e['seconds']:.1f}", f"{e['seconds'] / 60:.1f}",
-                                       f"{e['load_start']:.2f} → {e['load_end']:.2f}"], phase
+        assert timings[phase][1:4] == [f"{e['seconds'] / 60:.1f}", f"{e['seconds']:.0f}",
+                                       f"{e['load_start']:.2f} -> {e['load_end']:.2f}"], phase
+    speed = load(run, "machine.json")[0]  # the machine line above the table
+    assert f"matmul {speed['matmul_gflops']} GFLOP/s" in text.split("## Where the time went")[1]
     valid = cells(text, "The teacher's accuracy on each set (valid %)")
     for d in [*sorted(run.glob("distilled/*")), *sorted(run.glob("ablations/*"))]:
         ms = load(d, "stage_*/manifest.json")
